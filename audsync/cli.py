@@ -1,0 +1,330 @@
+"""The ``audsync`` command. ``main(argv) -> exit code``.
+
+Exit codes: 0 ok, 1 the work failed, 2 bad usage or bad config (nothing done),
+3 another process holds the lease (only without ``--wait``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from audsync import __version__, defaults
+from audsync.config import Config, load_config
+from audsync.errors import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    AudsyncError,
+    GleapError,
+    SourceError,
+    redact,
+)
+from audsync.report import duration, jsonable, table
+
+log = logging.getLogger("audsync")
+
+SUMMARY_COLUMNS = [
+    "audience", "mode", "status", "members", "entered", "exited", "changed",
+    "queued", "delivered", "failed", "pending",
+]
+HISTORY_COLUMNS = [
+    "id", "audience_key", "trigger", "mode", "status", "started_at", "finished_at",
+    "members", "entered", "exited", "changed", "delivered", "failed", "pending", "error",
+]
+
+
+def _env_default(name: str, fallback: Any = None) -> Any:
+    return os.environ.get(name, fallback)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; every option can also be set from an AUDSYNC_* variable."""
+    parser = argparse.ArgumentParser(
+        prog="audsync",
+        description="Sync SQL-defined audiences and computed traits to Gleap contacts.",
+    )
+    parser.add_argument(
+        "-c", "--config", default=_env_default("AUDSYNC_CONFIG"),
+        help="config file (env AUDSYNC_CONFIG; default ./audsync.toml)",
+    )
+    parser.add_argument(
+        "--log-level", default=_env_default("AUDSYNC_LOG_LEVEL", "INFO"),
+        help="DEBUG, INFO, WARNING or ERROR (env AUDSYNC_LOG_LEVEL)",
+    )
+    parser.add_argument("--version", action="version", version=f"audsync {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sync = sub.add_parser("sync", help="plan now and deliver the changes (manual resync)")
+    sync.add_argument("keys", nargs="*", metavar="KEY", help="audiences/traits (default: all)")
+    sync.add_argument("--full", action="store_true", help="re-assert every value, not just changes")
+    sync.add_argument("--dry-run", action="store_true", help="show the plan; write and send nothing")
+    sync.add_argument("--force", action="store_true", help="go ahead although the breaker holds")
+    sync.add_argument("--wait", action="store_true",
+                      help="wait for other processes' leases and follow delivery to the end")
+
+    history = sub.add_parser("history", help="past runs from the state DB")
+    history.add_argument("--audience", metavar="KEY")
+    history.add_argument("--limit", type=int, default=20, metavar="N")
+    history.add_argument("--json", action="store_true")
+    history.add_argument("--failures", action="store_true",
+                         help="per-user delivery failures instead of runs")
+
+    status = sub.add_parser("status", help="backlog, last plans and who is delivering")
+    status.add_argument("--json", action="store_true")
+
+    sub.add_parser("check", help="validate the config, the token and every query")
+
+    db = sub.add_parser("db", help="state database maintenance")
+    db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    db_sub.add_parser("upgrade", help="migrate the state DB to the newest schema")
+
+    run = sub.add_parser("run", help="the daemon: sync at start, then every interval + jitter")
+    run.add_argument("--once", action="store_true", help="do the start-up sync, then exit")
+
+    demo = sub.add_parser("demo", help="a self-contained demo (no config, no network)")
+    demo.add_argument("--users", type=int, default=3000)
+    demo.add_argument("--keep", metavar="DIR", help="build the demo in DIR and keep it")
+
+    sandbox = sub.add_parser("sandbox", help="serve a local Gleap-compatible API for trying things")
+    sandbox.add_argument("--port", type=int, default=int(_env_default("AUDSYNC_SANDBOX_PORT", 8765)))
+    sandbox.add_argument("--token", default=_env_default("AUDSYNC_SANDBOX_TOKEN", "sandbox-token"))
+    sandbox.add_argument("--rate-limit", type=int, default=defaults.DEFAULT_RATE_LIMIT)
+    sandbox.add_argument("--rate-window", type=float, default=defaults.DEFAULT_RATE_WINDOW)
+    sandbox.add_argument("--fail-ratio", type=float, default=0.0)
+    sandbox.add_argument("--latency", type=float, default=0.0)
+    sandbox.add_argument("--db", default=":memory:", help="SQLite file for the contacts")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one ``audsync`` command and return its exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0) and EXIT_USAGE
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # Request lines and migration chatter are noise at INFO for an operator.
+    for noisy in ("httpx", "httpcore", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    token = os.environ.get("AUDSYNC_GLEAP_API_TOKEN")
+    try:
+        return COMMANDS[args.command](args)
+    except AudsyncError as exc:
+        _error(redact(str(exc), token))
+        return exc.exit_code
+    except SQLAlchemyError as exc:
+        message = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        _error(redact(f"state DB error: {message}", token))
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+
+
+def _error(message: str) -> None:
+    print(f"audsync: error: {message}", file=sys.stderr)
+
+
+def _config(args: argparse.Namespace, *, require_file: bool = True) -> Config:
+    return load_config(args.config, require_file=require_file)
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from audsync.history import runs
+    from audsync.state import open_state
+    from audsync.sync import run_sync
+
+    config = _config(args)
+    outcome = run_sync(
+        config, args.keys, full=args.full, force=args.force, dry_run=args.dry_run,
+        wait=args.wait, echo=lambda line: log.info(line),
+    )
+    for message in outcome.errors:
+        _error(message)
+    if args.dry_run:
+        rows = [
+            {"audience": p.key, "mode": p.mode, "members": p.members, "entered": p.entered,
+             "exited": p.exited, "changed": p.changed, "queued": p.queued,
+             "held": "HELD: " + p.held if p.held else "-"}
+            for p in outcome.plans
+        ]
+        print("dry run: nothing was written and nothing was sent")
+        print(table(rows, ["audience", "mode", "members", "entered", "exited", "changed",
+                           "queued", "held"]))
+        print(
+            f"{outcome.dry_run_calls:,} Identify calls, about "
+            f"{duration(outcome.dry_run_seconds)} at {config.gleap.rate_limit} calls per "
+            f"{duration(config.gleap.rate_window)}"
+        )
+        return EXIT_FAILED if outcome.errors else EXIT_OK
+    state = open_state(config.state_url, upgrade=False)
+    rows = []
+    for run in sorted(runs(state, ids=outcome.run_ids, limit=len(outcome.run_ids) or 1),
+                      key=lambda r: r["id"]):
+        rows.append({**run, "audience": run["audience_key"]})
+    if rows:
+        print(table(rows, SUMMARY_COLUMNS))
+    for run in rows:
+        if run["status"] == "held":
+            _error(f"{run['audience']} held: {run['error']}")
+    if outcome.handed_over_to and not args.wait:
+        print(f"changes are queued; the daemon ({outcome.handed_over_to}) is delivering them")
+    report = outcome.delivery
+    if report is not None:
+        print(f"{report.calls:,} Identify calls; {report.delivered:,} changes delivered, "
+              f"{report.failed:,} failed")
+        if report.error is not None:
+            _error(str(report.error))
+    return EXIT_FAILED if outcome.failed else EXIT_OK
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+
+    from audsync import models
+    from audsync.history import runs
+    from audsync.state import open_state
+
+    config = _config(args, require_file=False)
+    state = open_state(config.state_url, upgrade=False)
+    if args.failures:
+        f = models.delivery_failures.c
+        query = select(models.delivery_failures).order_by(f.id.desc()).limit(args.limit)
+        if args.audience:
+            query = query.where(f.audience_key == args.audience)
+        with state.connect() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(query)]
+        columns = ["id", "run_id", "audience_key", "user_id", "http_status", "reason", "failed_at"]
+    else:
+        rows = runs(state, audience=args.audience, limit=args.limit)
+        columns = HISTORY_COLUMNS
+    if args.json:
+        print(json.dumps(jsonable(rows), indent=2))
+    elif rows:
+        print(table(rows, columns))
+    else:
+        print("no runs recorded yet" if not args.failures else "no delivery failures recorded")
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from audsync.state import open_state
+    from audsync.status import collect_status
+
+    config = _config(args, require_file=False)
+    state = open_state(config.state_url, upgrade=False)
+    info = collect_status(state, config)
+    if args.json:
+        print(json.dumps(jsonable(info), indent=2))
+        return EXIT_OK
+    if info["audiences"]:
+        print(table(info["audiences"], [
+            "key", "kind", "configured", "members", "last_status", "last_planned_at",
+            "last_success_at", "pending", "parked_failures",
+        ]))
+    lease = info["delivery_lease"]
+    print(f"pending: {info['pending_users']:,} users, about {duration(info['eta_seconds'])} "
+          f"at {config.gleap.rate_limit} calls per {duration(config.gleap.rate_window)}")
+    print(f"delivering: {lease['host']} pid {lease['pid']}" if lease else "delivering: nobody")
+    return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from sqlalchemy import text
+
+    from audsync.source import first_line, open_source
+    from audsync.sync import make_client
+
+    config = _config(args)
+    print(f"config {config.path}: ok ({len(config.definitions)} audiences and traits)")
+    problems = 0
+    try:
+        with make_client(config, max_retries=1) as client:
+            client.check_token()
+        print(f"gleap {config.gleap.base_url}: token accepted")
+    except GleapError as exc:
+        _error(str(exc))
+        problems += 1
+    source = open_source(config.require_source())
+    print("source: reachable")
+    for definition in config.definitions:
+        probe = f"SELECT COUNT(*) FROM (\n{definition.sql}\n) audsync_q"
+        try:
+            from audsync.source import StreamStats, stream_snapshot
+
+            next(iter(stream_snapshot(source, definition, 1, StreamStats())), None)
+            with source.connect() as conn:
+                count = conn.execute(text(probe)).scalar_one()
+            print(f"{definition.kind} {definition.key}: ok ({count:,} rows)")
+        except SourceError as exc:
+            _error(str(exc))
+            problems += 1
+        except SQLAlchemyError as exc:
+            _error(f"audience {definition.key!r}: query failed: {first_line(exc)}")
+            problems += 1
+    return EXIT_FAILED if problems else EXIT_OK
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    from audsync import migrate
+    from audsync.state import open_state
+
+    config = _config(args, require_file=False)
+    engine = open_state(config.state_url)
+    print(f"state DB at revision {migrate.current_revision(engine)} (newest)")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from audsync.service import run_daemon
+
+    return run_daemon(_config(args), once=args.once)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from audsync.demo import run_demo
+
+    return run_demo(users=args.users, keep=args.keep)
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    from audsync.sandbox import Sandbox
+
+    server = Sandbox(
+        args.token, port=args.port, rate_limit=args.rate_limit, rate_window=args.rate_window,
+        fail_ratio=args.fail_ratio, latency=args.latency, db_path=args.db,
+    )
+    print(f"Gleap sandbox on {server.url} (token {args.token!r}); Ctrl-C stops it", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
+COMMANDS = {
+    "sync": cmd_sync,
+    "history": cmd_history,
+    "status": cmd_status,
+    "check": cmd_check,
+    "db": cmd_db,
+    "run": cmd_run,
+    "demo": cmd_demo,
+    "sandbox": cmd_sandbox,
+}
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

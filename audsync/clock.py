@@ -1,0 +1,16 @@
+"""Time, in one place so tests can freeze it."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+
+
+def utcnow() -> dt.datetime:
+    """Naive UTC now: the state DB stores UTC without a zone on every backend."""
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+def wall() -> float:
+    """Unix seconds, for lease expiry (comparable across hosts)."""
+    return time.time()

@@ -1,0 +1,302 @@
+"""Drain the outbox: coalesce each user's pending changes into Identify calls, advance the ledger.
+
+The ledger moves only after Gleap answers 2xx (invariant 1); an outbox row is
+removed only when the version it held was the one acknowledged (invariant 3),
+so a value replaced while its call was in flight stays queued and goes again.
+HTTP runs on a small thread pool; every database write happens on the calling
+thread, one short transaction per acknowledged call, fenced by the delivery lease.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Connection, Engine, and_, bindparam, delete, insert, select, text, update
+
+from audsync import models
+from audsync.clock import utcnow
+from audsync.defaults import DEFAULT_CONCURRENCY, DEFAULT_DELIVER_BATCH, DEFAULT_MAX_ATTEMPTS
+from audsync.errors import AudsyncError, GleapAuthError, GleapError, GleapUnavailable
+from audsync.gleap import GleapClient, PayloadError, identify_bodies
+from audsync.locks import Lease, still_held
+
+
+@dataclass(frozen=True)
+class Change:
+    """One pending outbox row."""
+
+    audience_key: str
+    user_id: str
+    value: str
+    contact: str | None
+    run_id: int
+    version: int
+
+
+@dataclass
+class CallResult:
+    """Gleap's answer for the changes one call carried."""
+
+    changes: list[Change]
+    ok: bool
+    status: int | None = None
+    reason: str | None = None
+
+
+@dataclass
+class DeliveryReport:
+    """What one drain of the outbox did."""
+
+    calls: int = 0
+    users: int = 0
+    delivered: int = 0
+    failed: int = 0
+    stopped: str | None = None
+    error: AudsyncError | None = None
+    per_key: dict[str, int] = field(default_factory=dict)
+
+
+class LeaseLost(AudsyncError):
+    """Another process took the delivery lease: stop writing at once."""
+
+
+def next_users(conn: Connection, limit: int) -> list[str]:
+    """The next users to call: routine changes first, then the backfill, by user id."""
+    rows = conn.execute(
+        select(models.outbox.c.user_id)
+        .where(models.outbox.c.state == "pending")
+        .order_by(models.outbox.c.priority, models.outbox.c.user_id)
+        .limit(limit)
+    ).scalars()
+    return list(dict.fromkeys(rows))
+
+
+def pending_changes(conn: Connection, users: list[str]) -> dict[str, list[Change]]:
+    """Every pending change of ``users``, across all audiences and traits."""
+    by_user: dict[str, list[Change]] = {u: [] for u in users}
+    o = models.outbox.c
+    rows = conn.execute(
+        select(o.audience_key, o.user_id, o.value, o.contact, o.run_id, o.version)
+        .where(o.state == "pending", o.user_id.in_(bindparam("users", expanding=True)))
+        .order_by(o.user_id, o.audience_key),
+        {"users": users},
+    )
+    for row in rows:
+        by_user[row.user_id].append(Change(*row))
+    return {u: c for u, c in by_user.items() if c}
+
+
+def plan_calls(user_id: str, changes: list[Change]) -> list[tuple[dict[str, Any], list[Change]]]:
+    """The Identify bodies for one user's changes, each with the changes it carries.
+
+    Raises PayloadError when the user's contact data cannot be sent.
+    """
+    contacts = [json.loads(c.contact) for c in changes if c.contact]
+    values = [(c.audience_key, json.loads(c.value)) for c in changes]
+    bodies = identify_bodies(user_id, values, contacts)
+    by_key = {c.audience_key: c for c in changes}
+    calls = []
+    for body in bodies:
+        carried = [by_key[k] for k in body if k in by_key]
+        calls.append((body, carried))
+    return calls
+
+
+def deliver(
+    engine: Engine,
+    client: GleapClient,
+    *,
+    lease: Lease | None = None,
+    stop: Callable[[], bool] = lambda: False,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    batch_size: int = DEFAULT_DELIVER_BATCH,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    on_progress: Callable[[DeliveryReport], None] | None = None,
+) -> DeliveryReport:
+    """Send every pending change until the outbox is empty, ``stop()`` or Gleap gives out.
+
+    Changes that were not acknowledged stay in the outbox. Raises nothing for
+    Gleap trouble: ``report.error`` carries it (auth, unavailable, lease lost).
+    """
+    report = DeliveryReport()
+    halt = threading.Event()
+
+    def halted() -> bool:
+        return halt.is_set() or stop()
+
+    def send_user(user_id: str, changes: list[Change]) -> list[CallResult]:
+        try:
+            calls = plan_calls(user_id, changes)
+        except PayloadError as exc:
+            return [CallResult(changes, ok=False, status=None, reason=f"not sendable: {exc}")]
+        results = []
+        for body, carried in calls:
+            outcome = client.identify(body, stop=halted)
+            results.append(CallResult(carried, outcome.ok, outcome.status, outcome.reason))
+        return results
+
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="audsync-send") as pool:
+        while not halted():
+            with engine.connect() as conn:
+                users = next_users(conn, batch_size)
+                if not users:
+                    break
+                work = pending_changes(conn, users)
+            in_flight: set[Future[list[CallResult]]] = set()
+            queue = list(work.items())
+            while queue or in_flight:
+                while queue and len(in_flight) < concurrency * 2 and not halted():
+                    user_id, changes = queue.pop(0)
+                    in_flight.add(pool.submit(send_user, user_id, changes))
+                if not in_flight:
+                    break
+                done, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
+                for future in done:
+                    try:
+                        results = future.result()
+                    except GleapError as exc:
+                        if report.error is None or isinstance(exc, GleapAuthError):
+                            report.error = exc
+                        halt.set()
+                        continue
+                    try:
+                        _acknowledge(engine, results, lease, max_attempts, report)
+                    except LeaseLost as exc:
+                        report.error = exc
+                        halt.set()
+                    report.users += 1
+                if on_progress is not None:
+                    on_progress(report)
+            with engine.begin() as conn:
+                finalize_runs(conn)
+    report.calls = client.stats.calls
+    if report.error is not None:
+        report.stopped = str(report.error)
+    elif stop():
+        report.stopped = "shutdown requested"
+    return report
+
+
+def _acknowledge(
+    engine: Engine,
+    results: list[CallResult],
+    lease: Lease | None,
+    max_attempts: int,
+    report: DeliveryReport,
+) -> None:
+    now = utcnow()
+    with engine.begin() as conn:
+        if lease is not None and not still_held(conn, lease):
+            raise LeaseLost("the delivery lease was taken over by another process")
+        delivered_by_run: dict[int, int] = {}
+        failed_by_run: dict[int, int] = {}
+        for result in results:
+            for change in result.changes:
+                if result.ok:
+                    _ack(conn, change, now)
+                    delivered_by_run[change.run_id] = delivered_by_run.get(change.run_id, 0) + 1
+                    report.delivered += 1
+                    report.per_key[change.audience_key] = (
+                        report.per_key.get(change.audience_key, 0) + 1
+                    )
+                elif _reject(conn, change, result, now):
+                    failed_by_run[change.run_id] = failed_by_run.get(change.run_id, 0) + 1
+                    report.failed += 1
+        runs = models.sync_runs.c
+        for run_id, n in delivered_by_run.items():
+            conn.execute(
+                update(models.sync_runs).where(runs.id == run_id).values(delivered=runs.delivered + n)
+            )
+        for run_id, n in failed_by_run.items():
+            conn.execute(
+                update(models.sync_runs).where(runs.id == run_id).values(failed=runs.failed + n)
+            )
+
+
+def _ack(conn: Connection, change: Change, now: Any) -> None:
+    ledger = models.ledger.c
+    updated = conn.execute(
+        update(models.ledger)
+        .where(ledger.audience_key == change.audience_key, ledger.user_id == change.user_id)
+        .values(value=change.value, acked_at=now)
+    )
+    if updated.rowcount == 0:
+        conn.execute(
+            insert(models.ledger).values(
+                audience_key=change.audience_key,
+                user_id=change.user_id,
+                value=change.value,
+                acked_at=now,
+            )
+        )
+    o = models.outbox.c
+    # Only the acknowledged version goes: a newer plan's value stays queued.
+    conn.execute(
+        delete(models.outbox).where(
+            and_(
+                o.audience_key == change.audience_key,
+                o.user_id == change.user_id,
+                o.version == change.version,
+            )
+        )
+    )
+
+
+def _reject(conn: Connection, change: Change, result: CallResult, now: Any) -> bool:
+    o = models.outbox.c
+    parked = conn.execute(
+        update(models.outbox)
+        .where(
+            o.audience_key == change.audience_key,
+            o.user_id == change.user_id,
+            o.version == change.version,
+        )
+        .values(
+            state="failed",
+            attempts=o.attempts + 1,
+            last_status=result.status,
+            last_error=result.reason,
+        )
+    )
+    conn.execute(
+        insert(models.delivery_failures).values(
+            run_id=change.run_id,
+            audience_key=change.audience_key,
+            user_id=change.user_id,
+            http_status=result.status,
+            reason=result.reason or "rejected",
+            failed_at=now,
+        )
+    )
+    return parked.rowcount == 1
+
+
+def finalize_runs(conn: Connection) -> None:
+    """Close every delivering run none of whose changes is still pending."""
+    conn.execute(
+        text(
+            "UPDATE sync_runs SET status = CASE WHEN failed > 0 THEN 'partial' ELSE 'succeeded' END,"
+            " finished_at = :now"
+            " WHERE status = 'delivering'"
+            " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.run_id = sync_runs.id"
+            " AND o.state = 'pending')"
+        ),
+        {"now": utcnow()},
+    )
+    conn.execute(
+        text(
+            "UPDATE audiences SET last_success_at = ("
+            " SELECT MAX(r.finished_at) FROM sync_runs r WHERE r.audience_key = audiences.key"
+            " AND r.status = 'succeeded')"
+            " WHERE EXISTS (SELECT 1 FROM sync_runs r WHERE r.audience_key = audiences.key"
+            " AND r.status = 'succeeded')"
+        )
+    )
+
+
+__all__ = ["GleapAuthError", "GleapUnavailable", "deliver", "finalize_runs"]

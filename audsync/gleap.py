@@ -1,0 +1,264 @@
+"""The Gleap client: request bodies, auth, pacing and retries. The only module that speaks HTTP.
+
+Bodies are built by pure functions (:func:`identify_bodies`); :class:`GleapClient`
+sends them with the ``Api-Token`` header under a shared :class:`~audsync.pacing.Pacer`,
+retrying 429/5xx/network errors with backoff that honours ``Retry-After``.
+Pass ``transport=`` (any httpx transport) to test without a network.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from audsync import defaults
+from audsync.errors import GleapAuthError, GleapUnavailable, redact
+from audsync.pacing import Pacer
+from audsync.source import INVALID_MARK
+
+IDENTIFY_PATH = "/admin/identify"
+IDENTIFY_PARAMS = {"preventLastActivityUpdate": "true"}
+AUTH_PATH = "/admin/auth"
+
+_STANDARD_FIELDS = defaults.GLEAP_CONTACT_FIELDS
+
+
+class PayloadError(ValueError):
+    """This user's data cannot be sent to Gleap as it is (a per-user failure)."""
+
+
+def identify_bodies(
+    user_id: str,
+    values: Sequence[tuple[str, Any]],
+    contacts: Sequence[dict[str, Any]] = (),
+    max_custom_keys: int = defaults.MAX_CUSTOM_KEYS_PER_CALL,
+) -> list[dict[str, Any]]:
+    """The Identify Contact bodies that carry ``values`` (key, value) for one user.
+
+    Contact fields from ``contacts`` ride along; custom attributes are split so
+    no body holds more than ``max_custom_keys`` of them. Raises PayloadError
+    when a contact holds a value Gleap cannot store.
+    """
+    standard: dict[str, Any] = {}
+    custom: dict[str, Any] = {}
+    for contact in contacts:
+        if INVALID_MARK in contact:
+            raise PayloadError(str(contact[INVALID_MARK]))
+        for field, value in contact.items():
+            target = standard if field in _STANDARD_FIELDS else custom
+            target.setdefault(field, value)
+    for key, value in values:
+        custom[key] = value  # the audience's own value wins over a same-named column
+    items = list(custom.items())
+    bodies = []
+    for start in range(0, max(len(items), 1), max_custom_keys):
+        body: dict[str, Any] = {**standard, "userId": user_id}
+        body.update(items[start : start + max_custom_keys])
+        bodies.append(body)
+    return bodies
+
+
+def parse_retry_after(header: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (seconds or HTTP date), or None."""
+    if not header:
+        return None
+    header = header.strip()
+    try:
+        return max(0.0, float(header))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(header)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    now = time.time() if now is None else now
+    return max(0.0, when.timestamp() - now)
+
+
+def backoff_delay(
+    attempt: int,
+    retry_after: float | None,
+    *,
+    base: float = defaults.DEFAULT_BACKOFF_BASE,
+    cap: float = defaults.DEFAULT_BACKOFF_CAP,
+    retry_after_cap: float = defaults.DEFAULT_RETRY_AFTER_CAP,
+    rand: Callable[[], float] = random.random,
+) -> float:
+    """How long to wait before retry number ``attempt`` (1-based).
+
+    Retry-After wins when the server gave one; otherwise exponential backoff
+    with full jitter, so many workers do not retry in lockstep.
+    """
+    if retry_after is not None:
+        return min(retry_after, retry_after_cap)
+    return rand() * min(cap, base * (2 ** (attempt - 1)))
+
+
+@dataclass
+class CallOutcome:
+    """What Gleap finally said about one call."""
+
+    ok: bool
+    status: int | None = None
+    reason: str | None = None
+    retries: int = 0
+
+
+@dataclass
+class ClientStats:
+    """Counters of one client's life, for summaries and metrics."""
+
+    calls: int = 0
+    ok: int = 0
+    rejected: int = 0
+    throttled: int = 0
+    retries: int = 0
+    server_errors: int = 0
+    network_errors: int = 0
+
+
+class GleapClient:
+    """Send calls to Gleap's admin API under a shared budget, with retries."""
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        *,
+        rate_limit: int = defaults.DEFAULT_RATE_LIMIT,
+        rate_window: float = defaults.DEFAULT_RATE_WINDOW,
+        timeout: float = defaults.DEFAULT_TIMEOUT,
+        max_retries: int = defaults.DEFAULT_MAX_RETRIES,
+        concurrency: int = defaults.DEFAULT_CONCURRENCY,
+        transport: httpx.BaseTransport | None = None,
+        pacer: Pacer | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._token = token
+        self.max_retries = max_retries
+        self.pacer = pacer or Pacer(rate_limit, rate_window)
+        self.stats = ClientStats()
+        self._sleep = sleep
+        self._http = httpx.Client(
+            base_url=base_url.rstrip("/"),
+            headers={"Api-Token": token, "Content-Type": "application/json"},
+            timeout=timeout,
+            transport=transport,
+            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
+        )
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._http.close()
+
+    def __enter__(self) -> GleapClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def check_token(self) -> None:
+        """GET /admin/auth: raise GleapAuthError on 401/403, GleapUnavailable if unreachable."""
+        outcome = self._send("GET", AUTH_PATH, None, paced=False)
+        if not outcome.ok:
+            raise GleapUnavailable(
+                f"Gleap answered {outcome.status} to the token check: {outcome.reason}"
+            )
+
+    def identify(self, body: dict[str, Any], stop: Callable[[], bool] | None = None) -> CallOutcome:
+        """POST one Identify Contact body. Raises GleapAuthError / GleapUnavailable."""
+        return self._send("POST", IDENTIFY_PATH, body, params=IDENTIFY_PARAMS, stop=stop)
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        body: Any,
+        *,
+        params: dict[str, str] | None = None,
+        paced: bool = True,
+        stop: Callable[[], bool] | None = None,
+    ) -> CallOutcome:
+        content = json.dumps(body, separators=(",", ":")).encode() if body is not None else None
+        last_problem = "no attempt made"
+        failures = throttles = 0
+        while True:
+            if paced and not self.pacer.acquire(stop):
+                raise GleapUnavailable("stopped while waiting for the rate budget")
+            self.stats.calls += 1
+            retry_after: float | None = None
+            try:
+                response = self._http.request(method, path, params=params, content=content)
+            except httpx.TransportError as exc:
+                self.stats.network_errors += 1
+                last_problem = redact(f"{type(exc).__name__}: {exc}", self._token)
+            else:
+                status = response.status_code
+                if 200 <= status < 300:
+                    self.stats.ok += 1
+                    self.pacer.succeeded()
+                    return CallOutcome(ok=True, status=status, retries=failures + throttles)
+                if status in (401, 403):
+                    raise GleapAuthError(status)
+                retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                if status == 429:
+                    # Gleap asking us to wait is never a failure and uses up no
+                    # retry; only an endless storm ends the call.
+                    self.stats.throttled += 1
+                    throttles += 1
+                    wait = min(
+                        retry_after if retry_after is not None else 1.0,
+                        defaults.DEFAULT_RETRY_AFTER_CAP,
+                    )
+                    self.pacer.throttle(wait)
+                    if throttles <= defaults.DEFAULT_MAX_THROTTLES:
+                        if not paced:
+                            self._sleep_for(wait, stop)
+                        continue
+                    last_problem = f"{throttles} answers of HTTP 429 in a row"
+                    break
+                if status < 500:
+                    self.stats.rejected += 1
+                    return CallOutcome(
+                        ok=False,
+                        status=status,
+                        reason=self._reason(response),
+                        retries=failures + throttles,
+                    )
+                self.stats.server_errors += 1
+                last_problem = f"HTTP {status}"
+            failures += 1
+            if failures > self.max_retries:
+                break
+            self.stats.retries += 1
+            self._sleep_for(backoff_delay(failures, retry_after), stop)
+        raise GleapUnavailable(
+            f"Gleap did not accept {method} {path} after {failures + throttles} retries"
+            f" (last: {last_problem})"
+        )
+
+    def _sleep_for(self, seconds: float, stop: Callable[[], bool] | None) -> None:
+        deadline = time.monotonic() + seconds
+        while (remaining := deadline - time.monotonic()) > 0:
+            if stop is not None and stop():
+                raise GleapUnavailable("stopped while backing off")
+            self._sleep(min(remaining, 0.25))
+
+    def _reason(self, response: httpx.Response) -> str:
+        text = response.text.strip()[:500] or response.reason_phrase
+        try:
+            data = response.json()
+            if isinstance(data, dict):
+                text = str(data.get("error") or data.get("message") or text)[:500]
+        except ValueError:
+            pass
+        return redact(f"HTTP {response.status_code}: {text}", self._token)

@@ -1,0 +1,145 @@
+"""The state database's tables.
+
+``sync_runs`` and ``delivery_failures`` are a public contract: users query them
+with SQL (README documents every column). ``ledger``, ``outbox`` and
+``snapshot`` are readable too, but their shape may change between releases.
+
+Values (``ledger.value``, ``outbox.value``, ``snapshot.value``) are canonical
+JSON text (``true``, ``false``, ``450.5``, ``"gold"``, ``null``), so "did it
+change?" is plain text equality in SQL on every database.
+All timestamps are UTC.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+metadata = MetaData()
+
+KEY = String(200)
+USER = String(400)
+
+audiences = Table(
+    "audiences",
+    metadata,
+    Column("key", KEY, primary_key=True),
+    Column("kind", String(20), nullable=False),  # audience | trait
+    Column("name", Text, nullable=False),
+    Column("sql_hash", String(64), nullable=False),
+    Column("active", Boolean, nullable=False, default=True),
+    Column("created_at", DateTime, nullable=False),
+    Column("last_planned_at", DateTime),
+    Column("last_success_at", DateTime),
+    Column("members", Integer),
+)
+
+ledger = Table(
+    "ledger",
+    metadata,
+    Column("audience_key", KEY, primary_key=True),
+    Column("user_id", USER, primary_key=True),
+    Column("value", Text, nullable=False),
+    Column("acked_at", DateTime, nullable=False),
+)
+
+snapshot = Table(
+    "snapshot",
+    metadata,
+    Column("audience_key", KEY, primary_key=True),
+    Column("user_id", USER, primary_key=True),
+    Column("value", Text, nullable=False),
+    Column("contact", Text),
+)
+
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("audience_key", KEY, primary_key=True),
+    Column("user_id", USER, primary_key=True),
+    Column("value", Text, nullable=False),
+    Column("contact", Text),
+    Column("run_id", Integer, nullable=False),
+    # Bumped whenever a newer plan replaces the value: an acknowledgement only
+    # removes the row if the version it sent is still the current one.
+    Column("version", Integer, nullable=False, default=1),
+    # 0 = change to an audience already synced, 1 = initial backfill: keeps
+    # routine changes from starving behind a long first sync.
+    Column("priority", Integer, nullable=False, default=0),
+    Column("state", String(10), nullable=False, default="pending"),  # pending | failed
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("last_status", Integer),
+    Column("last_error", Text),
+    Column("queued_at", DateTime, nullable=False),
+    Index("ix_outbox_next", "state", "priority", "user_id"),
+    Index("ix_outbox_user", "user_id"),
+    Index("ix_outbox_run", "run_id"),
+)
+
+sync_runs = Table(
+    "sync_runs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("audience_key", KEY, nullable=False),
+    Column("trigger", String(20), nullable=False),  # startup | schedule | manual
+    Column("mode", String(20), nullable=False),  # initial | incremental | full | dry_run
+    # planning | delivering | succeeded | partial | failed | held | interrupted
+    Column("status", String(20), nullable=False),
+    Column("started_at", DateTime, nullable=False),
+    Column("finished_at", DateTime),
+    Column("members", Integer, nullable=False, default=0),
+    Column("entered", Integer, nullable=False, default=0),
+    Column("exited", Integer, nullable=False, default=0),
+    Column("changed", Integer, nullable=False, default=0),
+    Column("queued", Integer, nullable=False, default=0),
+    Column("delivered", Integer, nullable=False, default=0),
+    Column("failed", Integer, nullable=False, default=0),
+    Column("superseded", Integer, nullable=False, default=0),
+    Column("skipped_ids", Integer, nullable=False, default=0),
+    Column("duplicate_ids", Integer, nullable=False, default=0),
+    Column("error", Text),
+    Column("host", String(255)),
+    Column("pid", Integer),
+    Index("ix_sync_runs_audience", "audience_key", "id"),
+)
+
+delivery_failures = Table(
+    "delivery_failures",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", Integer, nullable=False),
+    Column("audience_key", KEY, nullable=False),
+    Column("user_id", USER, nullable=False),
+    Column("http_status", Integer),
+    Column("reason", Text, nullable=False),
+    Column("failed_at", DateTime, nullable=False),
+    Index("ix_delivery_failures_user", "user_id"),
+    Index("ix_delivery_failures_run", "run_id"),
+)
+
+leases = Table(
+    "leases",
+    metadata,
+    Column("name", String(255), primary_key=True),
+    Column("holder", String(255)),
+    # Fencing token: grows by one on every acquisition, so a holder whose lease
+    # expired cannot write once a newer holder exists.
+    Column("token", Integer, nullable=False, default=0),
+    Column("expires_at", Float, nullable=False, default=0.0),  # unix seconds
+    Column("host", String(255)),
+    Column("pid", Integer),
+    Column("acquired_at", DateTime),
+)
+
+TERMINAL_STATUSES = ("succeeded", "partial", "failed", "held", "interrupted")
+OPEN_STATUSES = ("planning", "delivering")

@@ -1,0 +1,306 @@
+"""Planning: load a query's result as the snapshot and diff it against the ledger into the outbox.
+
+Everything here is SQL run in the state DB inside the caller's transaction; no
+HTTP. The decisions — which mode, whether the circuit breaker holds a run —
+are pure functions at the top, tested with tables of cases.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from sqlalchemy import Connection, Engine, delete, func, insert, select, text, update
+from sqlalchemy.exc import DBAPIError
+
+from audsync import models
+from audsync.clock import utcnow
+from audsync.config import Definition
+from audsync.source import SnapshotRow, StreamStats, stream_snapshot
+from audsync.values import JSON_FALSE, JSON_NULL
+
+Mode = Literal["initial", "incremental", "full"]
+
+PRIORITY_ROUTINE = 0
+PRIORITY_BACKFILL = 1
+
+
+def choose_mode(ledger_rows: int, full: bool) -> Mode:
+    """``full`` when asked; ``initial`` when Gleap has never been told about this key."""
+    if full:
+        return "full"
+    return "initial" if ledger_rows == 0 else "incremental"
+
+
+def breaker_verdict(
+    previous_members: int,
+    members: int,
+    exits: int,
+    max_exit_ratio: float,
+    force: bool,
+) -> str | None:
+    """Why a plan must be held instead of queued, or None to go ahead.
+
+    A query that had members and now returns none, or a plan that would remove
+    more than ``max_exit_ratio`` of the members Gleap has, is far more often a
+    broken query than a real exodus: hold it before a single ``false`` is sent.
+    """
+    if force or previous_members == 0:
+        return None
+    if members == 0:
+        return (
+            f"the query returned no rows but {previous_members} users hold this key in Gleap;"
+            " run `audsync sync KEY --force` if that is right"
+        )
+    if exits > max_exit_ratio * previous_members:
+        return (
+            f"{exits} of {previous_members} users would be removed"
+            f" (over max_exit_ratio {max_exit_ratio:g});"
+            " run `audsync sync KEY --force` if that is right"
+        )
+    return None
+
+
+def absent_value(definition: Definition) -> str:
+    """What Gleap is told when a user is no longer in the audience / has no trait value."""
+    return JSON_FALSE if definition.kind == "audience" else JSON_NULL
+
+
+def sql_hash(definition: Definition) -> str:
+    """Fingerprint of the query, to tell a changed query under the same key."""
+    return hashlib.sha256(definition.sql.encode()).hexdigest()
+
+
+@dataclass
+class PlanResult:
+    """What one plan found and queued."""
+
+    key: str
+    mode: Mode
+    members: int = 0
+    entered: int = 0
+    exited: int = 0
+    changed: int = 0
+    reasserted: int = 0
+    queued: int = 0
+    superseded: int = 0
+    held: str | None = None
+    stats: StreamStats = field(default_factory=StreamStats)
+
+
+def plan_definition(
+    conn: Connection,
+    source: Engine,
+    definition: Definition,
+    *,
+    run_id: int,
+    full: bool = False,
+    force: bool = False,
+    chunk_size: int = 5000,
+    max_exit_ratio: float = 0.5,
+    max_attempts: int = 5,
+) -> PlanResult:
+    """Snapshot ``definition``'s query and queue its changes, inside ``conn``'s transaction.
+
+    When the circuit breaker holds the plan, nothing is queued and
+    ``result.held`` says why: the caller must roll the transaction back.
+    """
+    key = definition.key
+    absent = absent_value(definition)
+    ledger_rows = conn.execute(
+        select(func.count()).select_from(models.ledger).where(models.ledger.c.audience_key == key)
+    ).scalar_one()
+    mode = choose_mode(ledger_rows, full)
+    result = PlanResult(key=key, mode=mode)
+
+    load_snapshot(conn, source, definition, chunk_size, result.stats)
+    result.members = conn.execute(
+        select(func.count()).select_from(models.snapshot).where(models.snapshot.c.audience_key == key)
+    ).scalar_one()
+
+    _fill_changes(conn, key, absent, full=mode == "full")
+    for kind, count in conn.execute(
+        text("SELECT kind, COUNT(*) FROM audsync_changes GROUP BY kind")
+    ):
+        setattr(result, kind, int(count))
+
+    previous = conn.execute(
+        select(func.count())
+        .select_from(models.ledger)
+        .where(models.ledger.c.audience_key == key, models.ledger.c.value != absent)
+    ).scalar_one()
+    result.held = breaker_verdict(previous, result.members, result.exited, max_exit_ratio, force)
+    if result.held:
+        return result
+
+    params = {
+        "k": key,
+        "run": run_id,
+        "full": mode == "full",
+        "prio": PRIORITY_BACKFILL if mode == "initial" else PRIORITY_ROUTINE,
+        "now": utcnow(),
+        "max_attempts": max_attempts,
+    }
+    # Pending values a newer plan replaces or no longer needs: credit them to
+    # the run that queued them, so every run's counts still add up.
+    superseded = conn.execute(
+        text(
+            "SELECT o.run_id, COUNT(*) FROM outbox o"
+            " LEFT JOIN audsync_changes c ON c.user_id = o.user_id"
+            " WHERE o.audience_key = :k AND o.state = 'pending'"
+            " AND (c.user_id IS NULL OR c.value <> o.value OR :full)"
+            " GROUP BY o.run_id"
+        ),
+        params,
+    ).all()
+    for old_run, count in superseded:
+        if old_run == run_id:
+            continue
+        conn.execute(
+            update(models.sync_runs)
+            .where(models.sync_runs.c.id == old_run)
+            .values(superseded=models.sync_runs.c.superseded + count)
+        )
+    conn.execute(
+        text(
+            "DELETE FROM outbox WHERE audience_key = :k AND NOT EXISTS"
+            " (SELECT 1 FROM audsync_changes c WHERE c.user_id = outbox.user_id)"
+        ),
+        params,
+    )
+    conn.execute(
+        text(
+            "INSERT INTO outbox (audience_key, user_id, value, contact, run_id, version,"
+            " priority, state, attempts, queued_at)"
+            " SELECT :k, c.user_id, c.value, c.contact, :run, 1, :prio, 'pending', 0, :now"
+            " FROM audsync_changes c WHERE true"
+            " ON CONFLICT (audience_key, user_id) DO UPDATE SET"
+            " value = excluded.value, contact = excluded.contact, run_id = excluded.run_id,"
+            " version = outbox.version + 1, priority = excluded.priority, state = 'pending',"
+            " attempts = CASE WHEN :full OR outbox.value <> excluded.value THEN 0"
+            " ELSE outbox.attempts END,"
+            " queued_at = excluded.queued_at"
+            " WHERE outbox.value <> excluded.value OR :full"
+            " OR (outbox.state = 'failed' AND outbox.attempts < :max_attempts)"
+        ),
+        params,
+    )
+    result.superseded = sum(int(c) for r, c in superseded if r != run_id)
+    result.queued = conn.execute(
+        select(func.count())
+        .select_from(models.outbox)
+        .where(models.outbox.c.run_id == run_id)
+    ).scalar_one()
+    _record_audience(conn, definition, result.members)
+    return result
+
+
+def load_snapshot(
+    conn: Connection, source: Engine, definition: Definition, chunk_size: int, stats: StreamStats
+) -> None:
+    """Replace the audience's snapshot with the query's current result."""
+    conn.execute(delete(models.snapshot).where(models.snapshot.c.audience_key == definition.key))
+    chunks = stream_snapshot(source, definition, chunk_size, stats)
+    if conn.dialect.name == "postgresql":
+        savepoint = conn.begin_nested()
+        try:
+            _copy_snapshot(conn, definition.key, chunks)
+            savepoint.commit()
+            return
+        except DBAPIError as exc:
+            if "unique" not in str(exc.orig).lower():
+                raise
+            # Ids that collate apart in the source but are equal to us (odd
+            # collations, mixed types): fall back to insert-or-ignore.
+            savepoint.rollback()
+        stats.rows = stats.skipped_ids = stats.duplicate_ids = 0
+        chunks = stream_snapshot(source, definition, chunk_size, stats)
+    _insert_snapshot(conn, definition.key, chunks, stats)
+
+
+def _copy_snapshot(conn: Connection, key: str, chunks: Iterable[list[SnapshotRow]]) -> None:
+    cursor: Any = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    with cursor.copy("COPY snapshot (audience_key, user_id, value, contact) FROM STDIN") as copy:
+        for chunk in chunks:
+            for user_id, value, contact in chunk:
+                copy.write_row((key, user_id, value, contact))
+
+
+def _insert_snapshot(
+    conn: Connection, key: str, chunks: Iterable[list[SnapshotRow]], stats: StreamStats
+) -> None:
+    statement = (
+        "INSERT INTO snapshot (audience_key, user_id, value, contact) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT DO NOTHING"
+        if conn.dialect.name == "sqlite"
+        else "INSERT INTO snapshot (audience_key, user_id, value, contact)"
+        " VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING"
+    )
+    for chunk in chunks:
+        rows = [(key, u, v, c) for u, v, c in chunk]
+        cursor = conn.exec_driver_sql(statement, rows)  # type: ignore[arg-type]
+        if cursor.rowcount >= 0:
+            stats.duplicate_ids += len(rows) - cursor.rowcount
+
+
+def _fill_changes(conn: Connection, key: str, absent: str, *, full: bool) -> None:
+    """Materialise this plan's changes as ``audsync_changes`` (a temp table).
+
+    kind: entered (new member / new trait holder), changed (trait value moved),
+    exited (left: ``absent`` is sent), reasserted (full resync of an unchanged value).
+    """
+    if conn.dialect.name == "sqlite":
+        conn.exec_driver_sql(
+            "CREATE TEMP TABLE IF NOT EXISTS audsync_changes"
+            " (user_id TEXT PRIMARY KEY, value TEXT NOT NULL, contact TEXT, kind TEXT NOT NULL)"
+        )
+    else:
+        conn.exec_driver_sql(
+            "CREATE TEMP TABLE IF NOT EXISTS audsync_changes"
+            " (user_id TEXT PRIMARY KEY, value TEXT NOT NULL, contact TEXT, kind TEXT NOT NULL)"
+            " ON COMMIT DELETE ROWS"
+        )
+    conn.exec_driver_sql("DELETE FROM audsync_changes")
+    params = {"k": key, "absent": absent, "full": full}
+    conn.execute(
+        text(
+            "INSERT INTO audsync_changes (user_id, value, contact, kind)"
+            " SELECT s.user_id, s.value, s.contact,"
+            " CASE WHEN l.value IS NULL OR l.value = :absent THEN 'entered'"
+            " WHEN l.value = s.value THEN 'reasserted' ELSE 'changed' END"
+            " FROM snapshot s LEFT JOIN ledger l"
+            " ON l.audience_key = s.audience_key AND l.user_id = s.user_id"
+            " WHERE s.audience_key = :k AND (:full OR l.value IS NULL OR l.value <> s.value)"
+        ),
+        params,
+    )
+    conn.execute(
+        text(
+            "INSERT INTO audsync_changes (user_id, value, contact, kind)"
+            " SELECT l.user_id, :absent, NULL,"
+            " CASE WHEN l.value = :absent THEN 'reasserted' ELSE 'exited' END"
+            " FROM ledger l WHERE l.audience_key = :k AND (:full OR l.value <> :absent)"
+            " AND NOT EXISTS (SELECT 1 FROM snapshot s"
+            " WHERE s.audience_key = l.audience_key AND s.user_id = l.user_id)"
+        ),
+        params,
+    )
+
+
+def _record_audience(conn: Connection, definition: Definition, members: int) -> None:
+    now = utcnow()
+    values = {
+        "kind": definition.kind,
+        "name": definition.name,
+        "sql_hash": sql_hash(definition),
+        "active": True,
+        "last_planned_at": now,
+        "members": members,
+    }
+    updated = conn.execute(
+        update(models.audiences).where(models.audiences.c.key == definition.key).values(**values)
+    )
+    if updated.rowcount == 0:
+        conn.execute(insert(models.audiences).values(key=definition.key, created_at=now, **values))

@@ -1,0 +1,379 @@
+"""A local Gleap-compatible server for the demo, the tests and trying a config safely.
+
+It enforces the contract of gleap-contract.md: the ``Api-Token`` header, the
+shapes of Identify / Track bodies (400 with a reason otherwise), a fixed-window
+rate limit shared by identify and track (429 with ``Retry-After``), and can
+inject 5xx answers and latency. Contacts live in SQLite (in memory by default).
+
+    with Sandbox(token="t", rate_limit=1000, rate_window=60) as gleap:
+        ...  # point base_url at gleap.url
+        gleap.contacts()  # {"u1": {"userId": "u1", "vip": true, ...}}
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import random
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+MAX_CUSTOM_KEYS = 35
+STRING_FIELDS = ("name", "email", "phone", "companyName", "companyId", "lang", "plan")
+TIME_FIELDS = ("createdAt", "lastActivity")
+KNOWN_FIELDS = {"userId", "value", "lastPageView", *STRING_FIELDS, *TIME_FIELDS}
+
+
+@dataclass
+class SandboxStats:
+    """Counts by outcome, readable while the server runs."""
+
+    requests: int = 0
+    identify_ok: int = 0
+    track_ok: int = 0
+    rejected: int = 0
+    unauthorized: int = 0
+    throttled: int = 0
+    injected_errors: int = 0
+    deleted: int = 0
+    missing_prevent_flag: int = 0
+    by_status: dict[int, int] = field(default_factory=dict)
+
+
+class Sandbox:
+    """A Gleap-compatible HTTP server on 127.0.0.1 running in a background thread."""
+
+    def __init__(
+        self,
+        token: str = "sandbox-token",
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        rate_limit: int = 0,
+        rate_window: float = 60.0,
+        fail_ratio: float = 0.0,
+        latency: float = 0.0,
+        seed: int | None = None,
+        db_path: str = ":memory:",
+        reject_users: set[str] | None = None,
+    ) -> None:
+        self.token = token
+        self.rate_limit = rate_limit
+        self.rate_window = rate_window
+        self.fail_ratio = fail_ratio
+        self.latency = latency
+        self.reject_users = set(reject_users or ())
+        self.stats = SandboxStats()
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
+        self._db.executescript(
+            "PRAGMA journal_mode=WAL;"
+            "CREATE TABLE IF NOT EXISTS contacts (user_id TEXT PRIMARY KEY, data TEXT NOT NULL);"
+            "CREATE TABLE IF NOT EXISTS calls (id INTEGER PRIMARY KEY, at REAL, method TEXT,"
+            " path TEXT, status INTEGER, user_id TEXT, body TEXT);"
+            "CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY, user_id TEXT,"
+            " name TEXT, date TEXT, data TEXT);"
+        )
+        self._window_index = -1
+        self._window_count = 0
+        self._epoch = time.monotonic()
+        handler = _make_handler(self)
+        self._server = ThreadingHTTPServer((host, port), handler)
+        self._server.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        """Base URL to put in ``[gleap] base_url``."""
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def start(self) -> Sandbox:
+        """Serve in a background thread."""
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="gleap-sandbox", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        """Serve in this thread until interrupted."""
+        self._server.serve_forever()
+
+    def stop(self) -> None:
+        """Stop serving and close the store."""
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join()
+
+    def __enter__(self) -> Sandbox:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- what Gleap now believes ------------------------------------------------
+
+    def contacts(self) -> dict[str, dict[str, Any]]:
+        """Every contact as Gleap stores it."""
+        with self._lock:
+            rows = self._db.execute("SELECT user_id, data FROM contacts").fetchall()
+        return {user_id: json.loads(data) for user_id, data in rows}
+
+    def contact(self, user_id: str) -> dict[str, Any] | None:
+        """One contact, or None."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT data FROM contacts WHERE user_id = ?", (user_id,)
+            ).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def calls(self, path_prefix: str = "/admin/") -> list[dict[str, Any]]:
+        """Requests received, oldest first (method, path, status, user_id, body)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT at, method, path, status, user_id, body FROM calls WHERE path LIKE ?"
+                " ORDER BY id",
+                (path_prefix + "%",),
+            ).fetchall()
+        return [
+            {"at": at, "method": m, "path": p, "status": s, "user_id": u,
+             "body": json.loads(b) if b else None}
+            for at, m, p, s, u, b in rows
+        ]
+
+    def events(self) -> list[dict[str, Any]]:
+        """Tracked events, oldest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT user_id, name, date, data FROM events ORDER BY id")
+            return [
+                {"userId": u, "name": n, "date": d, "data": json.loads(x) if x else None}
+                for u, n, d, x in rows.fetchall()
+            ]
+
+    def reset_calls(self) -> None:
+        """Forget the request log (contacts stay)."""
+        with self._lock:
+            self._db.execute("DELETE FROM calls")
+
+    # -- the contract -------------------------------------------------------------
+
+    def _admit(self) -> tuple[int, dict[str, str], Any] | None:
+        """Rate limit and fault injection shared by identify and track."""
+        if self.latency:
+            time.sleep(self.latency * (0.5 + self._rng.random()))
+        with self._lock:
+            if self.rate_limit > 0:
+                now = time.monotonic() - self._epoch
+                index = math.floor(now / self.rate_window)
+                if index != self._window_index:
+                    self._window_index, self._window_count = index, 0
+                if self._window_count >= self.rate_limit:
+                    self.stats.throttled += 1
+                    retry = max(1, math.ceil((index + 1) * self.rate_window - now))
+                    return 429, {"Retry-After": str(retry)}, {"error": "Too many requests"}
+                self._window_count += 1
+            if self.fail_ratio and self._rng.random() < self.fail_ratio:
+                self.stats.injected_errors += 1
+                return self._rng.choice((500, 502, 503)), {}, {"error": "injected failure"}
+        return None
+
+    def handle(
+        self, method: str, raw_path: str, headers: dict[str, str], body: bytes
+    ) -> tuple[int, dict[str, str], Any]:
+        """Answer one request: (status, extra headers, JSON body)."""
+        parts = urlsplit(raw_path)
+        path = parts.path
+        query = parse_qs(parts.query)
+        self.stats.requests += 1
+        if path.startswith("/_sandbox/"):
+            return self._control(method, path)
+        if headers.get("api-token") != self.token:
+            self.stats.unauthorized += 1
+            return 401, {}, {"error": "Unauthorized"}
+        if method == "GET" and path == "/admin/auth":
+            return 200, {}, {"ok": True}
+        if method == "DELETE" and path.startswith("/admin/contacts/"):
+            user_id = unquote(path[len("/admin/contacts/"):])
+            with self._lock:
+                self._db.execute("DELETE FROM contacts WHERE user_id = ?", (user_id,))
+                self.stats.deleted += 1
+            return 200, {}, {"deleted": user_id}
+        if method == "POST" and path in ("/admin/identify", "/admin/track"):
+            if headers.get("content-type", "").split(";")[0].strip() != "application/json":
+                return 415, {}, {"error": "Content-Type must be application/json"}
+            denied = self._admit()
+            if denied:
+                return denied
+            try:
+                data = json.loads(body or b"null")
+            except ValueError:
+                self.stats.rejected += 1
+                return 400, {}, {"error": "body is not JSON"}
+            if path == "/admin/identify":
+                prevent = query.get("preventLastActivityUpdate", [""])[0] == "true"
+                return self._identify(data, prevent)
+            return self._track(data)
+        return 404, {}, {"error": f"no route {method} {path}"}
+
+    def _identify(self, data: Any, prevent: bool) -> tuple[int, dict[str, str], Any]:
+        problem = identify_problem(data)
+        if problem is None and data["userId"] in self.reject_users:
+            problem = "contact rejected by the sandbox (reject_users)"
+        if problem:
+            self.stats.rejected += 1
+            return 400, {}, {"error": problem}
+        user_id = data["userId"]
+        with self._lock:
+            row = self._db.execute(
+                "SELECT data FROM contacts WHERE user_id = ?", (user_id,)
+            ).fetchone()
+            contact = json.loads(row[0]) if row else {}
+            contact.update(data)
+            if not prevent:
+                self.stats.missing_prevent_flag += 1
+                contact["lastActivity"] = dt.datetime.now(dt.UTC).isoformat()
+            self._db.execute(
+                "INSERT INTO contacts (user_id, data) VALUES (?, ?) ON CONFLICT(user_id)"
+                " DO UPDATE SET data = excluded.data",
+                (user_id, json.dumps(contact)),
+            )
+            self.stats.identify_ok += 1
+        return 200, {}, {"success": True}
+
+    def _track(self, data: Any) -> tuple[int, dict[str, str], Any]:
+        problem = track_problem(data)
+        if problem:
+            self.stats.rejected += 1
+            return 400, {}, {"error": problem}
+        with self._lock:
+            self._db.executemany(
+                "INSERT INTO events (user_id, name, date, data) VALUES (?, ?, ?, ?)",
+                [
+                    (e["userId"], e["name"], e["date"], json.dumps(e.get("data")))
+                    for e in data["events"]
+                ],
+            )
+            self.stats.track_ok += 1
+        return 200, {}, {"success": True}
+
+    def _control(self, method: str, path: str) -> tuple[int, dict[str, str], Any]:
+        if method == "GET" and path == "/_sandbox/contacts":
+            return 200, {}, self.contacts()
+        if method == "GET" and path == "/_sandbox/stats":
+            return 200, {}, self.stats.__dict__
+        return 404, {}, {"error": "unknown sandbox route"}
+
+    def log(self, method: str, path: str, status: int, body: bytes) -> None:
+        user_id = None
+        text = body.decode("utf-8", "replace") if body else None
+        if text and path.startswith("/admin/identify"):
+            try:
+                parsed = json.loads(text)
+                user_id = parsed.get("userId") if isinstance(parsed, dict) else None
+            except ValueError:
+                pass
+        with self._lock:
+            self.stats.by_status[status] = self.stats.by_status.get(status, 0) + 1
+            self._db.execute(
+                "INSERT INTO calls (at, method, path, status, user_id, body)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (time.time(), method, path, status, user_id, text),
+            )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_iso(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    return True
+
+
+def identify_problem(data: Any) -> str | None:
+    """Why Gleap would reject this Identify body, or None when it is acceptable."""
+    if not isinstance(data, dict):
+        return "body must be a JSON object"
+    user_id = data.get("userId")
+    if not isinstance(user_id, str) or not user_id:
+        return "userId is required and must be a non-empty string"
+    custom = 0
+    for key, value in data.items():
+        if key in STRING_FIELDS and value is not None and not isinstance(value, str):
+            return f"{key} must be a string"
+        if key in TIME_FIELDS and value is not None and not _is_iso(value):
+            return f"{key} must be an ISO 8601 date"
+        if key == "value" and value is not None and not _is_number(value):
+            return "value must be a number"
+        if key == "lastPageView":
+            if not isinstance(value, dict) or not isinstance(value.get("page"), str):
+                return "lastPageView must be {page, date}"
+            if "date" in value and not _is_iso(value["date"]):
+                return "lastPageView.date must be an ISO 8601 date"
+        if key not in KNOWN_FIELDS:
+            custom += 1
+            if value is not None and not isinstance(value, str | int | float | bool):
+                return f"custom attribute {key} must be a string, number or boolean"
+    if custom > MAX_CUSTOM_KEYS:
+        return f"at most {MAX_CUSTOM_KEYS} custom attributes per call ({custom} sent)"
+    return None
+
+
+def track_problem(data: Any) -> str | None:
+    """Why Gleap would reject this Track body, or None when it is acceptable."""
+    if not isinstance(data, dict) or not isinstance(data.get("events"), list):
+        return 'body must be {"events": [...]}'
+    for i, event in enumerate(data["events"]):
+        if not isinstance(event, dict):
+            return f"events[{i}] must be an object"
+        if not isinstance(event.get("name"), str) or not event["name"]:
+            return f"events[{i}].name is required"
+        if not isinstance(event.get("userId"), str) or not event["userId"]:
+            return f"events[{i}].userId is required"
+        if not _is_iso(event.get("date")):
+            return f"events[{i}].date must be an ISO 8601 date"
+        if "data" in event and not isinstance(event["data"], dict):
+            return f"events[{i}].data must be an object"
+    return None
+
+
+def _make_handler(sandbox: Sandbox) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _serve(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else b""
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            status, extra, payload = sandbox.handle(self.command, self.path, headers, body)
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            for name, value in extra.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(data)
+            if not self.path.startswith("/_sandbox/"):
+                sandbox.log(self.command, urlsplit(self.path).path, status, body)
+
+        do_GET = do_POST = do_DELETE = _serve
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # quiet: the calls table is the log
+
+    return Handler

@@ -1,0 +1,240 @@
+"""Run audience and trait queries on the user's engine and stream normalised rows.
+
+The query runs inside the user's database (SQLite, PostgreSQL, DuckDB, Snowflake,
+BigQuery, Trino ... through their SQLAlchemy dialects); audsync only reads its
+result, ``chunk_size`` rows at a time, already sorted by ``user_id`` by the
+source engine so duplicates arrive side by side and collapse in O(1) memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.exc import SQLAlchemyError
+
+from audsync.config import Definition
+from audsync.errors import AudsyncError, SourceError
+from audsync.values import (
+    JSON_TRUE,
+    UnstorableValue,
+    attribute,
+    dumps,
+    normalize_user_id,
+    timestamp,
+)
+
+INVALID_MARK = "__invalid__"
+"""Contact key carrying why a user's row holds a value Gleap cannot store."""
+
+# Query column -> Gleap contact field, for the plain string fields.
+_STRING_FIELDS = {
+    "email": "email",
+    "phone": "phone",
+    "company_name": "companyName",
+    "company_id": "companyId",
+    "lang": "lang",
+    "language": "lang",
+    "plan": "plan",
+}
+_NAME_PARTS = ("first_name", "last_name")
+_SPECIAL = {
+    "user_id",
+    "name",
+    "user_value",
+    "signed_up_at",
+    "last_seen_at",
+    "last_page_view",
+    *_STRING_FIELDS,
+    *_NAME_PARTS,
+}
+
+SnapshotRow = tuple[str, str, str | None]
+"""(user_id, canonical JSON value, contact JSON or None)."""
+
+
+@dataclass
+class StreamStats:
+    """What streaming one query saw: rows read, ids skipped, duplicates collapsed."""
+
+    rows: int = 0
+    skipped_ids: int = 0
+    duplicate_ids: int = 0
+    columns: list[str] = field(default_factory=list)
+
+
+def open_source(url: str) -> Engine:
+    """An engine on the source DB; a clear AudsyncError when it cannot be reached."""
+    try:
+        engine = create_engine(url)
+        with engine.connect():
+            pass
+    except (SQLAlchemyError, ImportError, ValueError) as exc:
+        raise AudsyncError(
+            f"source DB {_safe_url(url)} cannot be reached: {first_line(exc)}"
+        ) from None
+    return engine
+
+
+def build_contact(row: dict[str, Any], skip: Sequence[str] = ()) -> dict[str, Any]:
+    """Gleap contact fields and custom attributes from one row's columns (gleap-contract.md).
+
+    ``skip`` names columns that are not contact data (``value`` of a trait).
+    A value Gleap cannot store is not raised: it is reported under INVALID_MARK
+    so the one user fails with a reason and the rest of the audience goes on.
+    """
+    contact: dict[str, Any] = {}
+    problems: list[str] = []
+
+    def put(field_name: str, column: str, convert: Any) -> None:
+        try:
+            converted = convert(row[column])
+        except (UnstorableValue, ValueError, TypeError) as exc:
+            problems.append(f"column {column!r}: {exc}")
+            return
+        if converted is not None and converted != "":
+            contact[field_name] = converted
+
+    for column, field_name in _STRING_FIELDS.items():
+        if column in row and field_name not in contact:
+            put(field_name, column, _as_text)
+    if "name" in row and row["name"] not in (None, ""):
+        put("name", "name", _as_text)
+    else:
+        parts = [_as_text(row.get(p)) for p in _NAME_PARTS]
+        joined = " ".join(p.strip() for p in parts if p and p.strip())
+        if joined:
+            contact["name"] = joined
+    if "user_value" in row:
+        put("value", "user_value", _as_number)
+    if "signed_up_at" in row:
+        put("createdAt", "signed_up_at", timestamp)
+    if "last_seen_at" in row:
+        put("lastActivity", "last_seen_at", timestamp)
+    page = _as_text(row.get("last_page_view"))
+    if page:
+        view: dict[str, Any] = {"page": page}
+        if contact.get("lastActivity"):
+            view["date"] = contact["lastActivity"]
+        contact["lastPageView"] = view
+    for column, value in row.items():
+        if column in _SPECIAL or column in skip:
+            continue
+        try:
+            contact[column] = attribute(value)
+        except UnstorableValue as exc:
+            problems.append(f"column {column!r}: {exc}")
+    if problems:
+        contact[INVALID_MARK] = "; ".join(problems)
+    return contact
+
+
+def _as_text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    converted = attribute(value)
+    return None if converted is None else str(converted)
+
+
+def _as_number(value: Any) -> Any:
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        number = float(value)
+        return int(number) if number.is_integer() else number
+    converted = attribute(value)
+    if isinstance(converted, bool) or not isinstance(converted, int | float):
+        raise UnstorableValue(f"{value!r} is not a number")
+    return converted
+
+
+def stream_snapshot(
+    engine: Engine, definition: Definition, chunk_size: int, stats: StreamStats
+) -> Iterator[list[SnapshotRow]]:
+    """Yield the query's rows as snapshot rows, in chunks, sorted by user id.
+
+    Rows without a usable ``user_id`` are skipped and counted; a user id that
+    appears again is collapsed (the first row wins) and counted. For a trait, a
+    row whose ``value`` is null means the user has no value and is left out.
+    Raises SourceError naming the audience when the query fails.
+    """
+    key = definition.key
+    columns = _columns(engine, definition)
+    stats.columns = columns
+    lower = [c.lower() for c in columns]
+    if "user_id" not in lower:
+        raise SourceError(
+            key, f"the query returns no user_id column (it returns: {', '.join(columns)})"
+        )
+    if definition.kind == "trait" and "value" not in lower:
+        raise SourceError(
+            key, f"a trait query must return a value column (it returns: {', '.join(columns)})"
+        )
+    ordered = f"SELECT * FROM (\n{definition.sql}\n) audsync_q ORDER BY user_id"
+    last_id: str | None = None
+    is_trait = definition.kind == "trait"
+    skip = ("value",) if is_trait else ()
+    try:
+        with engine.connect() as conn:
+            result = conn.execution_options(stream_results=True, yield_per=chunk_size).execute(
+                text(ordered)
+            )
+            for partition in result.partitions(chunk_size):
+                out: list[SnapshotRow] = []
+                for raw in partition:
+                    stats.rows += 1
+                    row = dict(zip(lower, raw, strict=True))
+                    user_id = normalize_user_id(row.pop("user_id"))
+                    if user_id is None:
+                        stats.skipped_ids += 1
+                        continue
+                    if user_id == last_id:
+                        stats.duplicate_ids += 1
+                        continue
+                    last_id = user_id
+                    if is_trait:
+                        try:
+                            value = attribute(row["value"])
+                        except UnstorableValue as exc:
+                            raise SourceError(
+                                key, f"user {user_id!r} has a value Gleap cannot store: {exc}"
+                            ) from None
+                        if value is None:
+                            continue
+                        value_json = dumps(value)
+                    else:
+                        value_json = JSON_TRUE
+                    contact = build_contact(row, skip)
+                    out.append((user_id, value_json, dumps(contact) if contact else None))
+                if out:
+                    yield out
+    except SQLAlchemyError as exc:
+        raise SourceError(key, f"query failed: {first_line(exc)}") from None
+
+
+def _columns(engine: Engine, definition: Definition) -> list[str]:
+    probe = f"SELECT * FROM (\n{definition.sql}\n) audsync_q WHERE 1 = 0"
+    try:
+        with engine.connect() as conn:
+            return list(conn.execute(text(probe)).keys())
+    except SQLAlchemyError as exc:
+        raise SourceError(definition.key, f"query failed: {first_line(exc)}") from None
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of a driver error, without SQLAlchemy's boilerplate."""
+    message = str(getattr(exc, "orig", None) or exc).strip()
+    return message.splitlines()[0] if message else type(exc).__name__
+
+
+def _safe_url(url: str) -> str:
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<unparseable URL>"

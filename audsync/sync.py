@@ -1,0 +1,370 @@
+"""One sync: plan the chosen audiences and traits, then deliver (or hand over to the daemon).
+
+Used by ``audsync sync`` and by the daemon's scheduled jobs, so a manual resync
+and a scheduled one follow exactly the same path.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, func, select
+from sqlalchemy.engine import make_url
+
+from audsync import locks, models
+from audsync.config import Config, Definition
+from audsync.deliver import DeliveryReport, deliver
+from audsync.errors import AudsyncError, GleapAuthError, LeaseHeld, SourceError
+from audsync.gleap import GleapClient
+from audsync.history import (
+    claim_delivering_runs,
+    mark_interrupted,
+    runs,
+    set_run,
+    start_run,
+)
+from audsync.plan import PlanResult, choose_mode, plan_definition
+from audsync.source import open_source
+from audsync.state import open_state
+
+Printer = Callable[[str], None]
+
+
+@dataclass
+class SyncOutcome:
+    """What ``run_sync`` did: the runs it recorded, the delivery, and the dry-run estimate."""
+
+    run_ids: list[int] = field(default_factory=list)
+    plans: list[PlanResult] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    delivery: DeliveryReport | None = None
+    handed_over_to: str | None = None
+    dry_run_calls: int = 0
+    dry_run_seconds: float = 0.0
+
+    @property
+    def failed(self) -> bool:
+        """True when any plan failed or was held, or delivery stopped on an error."""
+        return bool(self.errors) or any(p.held for p in self.plans) or bool(
+            self.delivery and self.delivery.error
+        )
+
+
+def make_client(config: Config, **overrides: Any) -> GleapClient:
+    """A Gleap client from the config's ``[gleap]`` section."""
+    g = config.gleap
+    options: dict[str, Any] = {
+        "rate_limit": g.rate_limit,
+        "rate_window": g.rate_window,
+        "timeout": g.timeout,
+        "max_retries": g.max_retries,
+        "concurrency": g.concurrency,
+    }
+    options.update(overrides)
+    return GleapClient(g.base_url, config.require_token(), **options)
+
+
+def run_sync(
+    config: Config,
+    keys: list[str] | None = None,
+    *,
+    full: bool = False,
+    force: bool = False,
+    dry_run: bool = False,
+    wait: bool = False,
+    trigger: str = "manual",
+    stop: Callable[[], bool] = lambda: False,
+    echo: Printer = lambda line: None,
+    client: GleapClient | None = None,
+    state: Engine | None = None,
+) -> SyncOutcome:
+    """Plan ``keys`` (all when empty) and deliver every pending change.
+
+    Raises ConfigError, GleapAuthError (before anything is written), LeaseHeld
+    (another process plans one of ``keys`` and ``wait`` is off) or StateError.
+    """
+    definitions = config.select(keys or [])
+    if dry_run:
+        return _dry_run(config, definitions, full=full, force=force)
+    own_client = client is None
+    client = client or make_client(config)
+    try:
+        client.check_token()  # a wrong token stops us before the state DB is touched
+        source = open_source(config.require_source())
+        state = state or open_state(config.state_url)
+        mark_interrupted(state)
+        outcome = SyncOutcome()
+        _plan_all(config, definitions, state, source, outcome, full, force, wait, trigger, echo)
+        _deliver_or_hand_over(config, state, client, outcome, wait, stop, echo)
+        source.dispose()
+        return outcome
+    finally:
+        if own_client:
+            client.close()
+
+
+def _plan_all(
+    config: Config,
+    definitions: tuple[Definition, ...],
+    state: Engine,
+    source: Engine,
+    outcome: SyncOutcome,
+    full: bool,
+    force: bool,
+    wait: bool,
+    trigger: str,
+    echo: Printer,
+) -> None:
+    holder = locks.holder_identity()
+    leases = _acquire_plan_leases(state, definitions, holder, config.sync.lease_ttl, wait)
+    try:
+        with locks.Heartbeat(state, *leases.values()):
+            for definition in definitions:
+                echo(f"planning {definition.key} ...")
+                _plan_one(
+                    config, definition, state, source, outcome, leases[definition.key],
+                    full=full, force=force, trigger=trigger,
+                )
+    finally:
+        for lease in leases.values():
+            locks.release(state, lease)
+
+
+def _acquire_plan_leases(
+    state: Engine, definitions: tuple[Definition, ...], holder: str, ttl: float, wait: bool
+) -> dict[str, locks.Lease]:
+    leases: dict[str, locks.Lease] = {}
+    try:
+        for definition in definitions:
+            name = locks.plan_lease_name(definition.key)
+            while (lease := locks.acquire(state, name, holder, ttl)) is None:
+                if not wait:
+                    other = locks.current_holder(state, name) or {}
+                    raise LeaseHeld(
+                        f"{definition.key!r} is being planned by {other.get('host')}"
+                        f" pid {other.get('pid')}; use --wait to queue behind it"
+                    )
+                time.sleep(0.5)
+            leases[definition.key] = lease
+    except BaseException:
+        for lease in leases.values():
+            locks.release(state, lease)
+        raise
+    return leases
+
+
+def _plan_one(
+    config: Config,
+    definition: Definition,
+    state: Engine,
+    source: Engine,
+    outcome: SyncOutcome,
+    lease: locks.Lease,
+    *,
+    full: bool,
+    force: bool,
+    trigger: str,
+) -> None:
+    with state.connect() as conn:
+        ledger_rows = conn.execute(
+            select(func.count())
+            .select_from(models.ledger)
+            .where(models.ledger.c.audience_key == definition.key)
+        ).scalar_one()
+    run_id = start_run(state, definition.key, trigger, choose_mode(ledger_rows, full))
+    outcome.run_ids.append(run_id)
+    with state.connect() as conn:
+        tx = conn.begin()
+        try:
+            result = plan_definition(
+                conn,
+                source,
+                definition,
+                run_id=run_id,
+                full=full,
+                force=force,
+                chunk_size=config.sync.chunk_size,
+                max_exit_ratio=config.sync.max_exit_ratio,
+                max_attempts=config.sync.max_attempts,
+            )
+        except SourceError as exc:
+            tx.rollback()
+            set_run(state, run_id, status="failed", error=str(exc))
+            outcome.errors.append(str(exc))
+            return
+        except BaseException:
+            tx.rollback()
+            set_run(state, run_id, status="interrupted", error="planning did not finish")
+            raise
+        counts = {
+            "mode": result.mode,
+            "members": result.members,
+            "entered": result.entered,
+            "exited": result.exited,
+            "changed": result.changed,
+            "skipped_ids": result.stats.skipped_ids,
+            "duplicate_ids": result.stats.duplicate_ids,
+        }
+        if result.held:
+            tx.rollback()
+            set_run(state, run_id, status="held", error=result.held, **counts)
+        elif not locks.still_held(conn, lease):
+            tx.rollback()
+            message = f"{definition.key}: lost the planning lease; nothing queued"
+            set_run(state, run_id, status="failed", error=message, **counts)
+            outcome.errors.append(message)
+        else:
+            status = "delivering" if result.queued else "succeeded"
+            set_run(conn, run_id, status=status, queued=result.queued, **counts)
+            tx.commit()
+    outcome.plans.append(result)
+
+
+def _deliver_or_hand_over(
+    config: Config,
+    state: Engine,
+    client: GleapClient,
+    outcome: SyncOutcome,
+    wait: bool,
+    stop: Callable[[], bool],
+    echo: Printer,
+) -> None:
+    holder = locks.holder_identity()
+    lease = locks.acquire(state, locks.DELIVER_LEASE, holder, config.sync.lease_ttl)
+    if lease is None:
+        other = locks.current_holder(state, locks.DELIVER_LEASE) or {}
+        outcome.handed_over_to = f"{other.get('host')} pid {other.get('pid')}"
+        with state.begin() as conn:
+            claim_delivering_runs(conn, str(other.get("host")), int(other.get("pid") or 0))
+        echo(f"changes queued; {outcome.handed_over_to} holds the delivery lease and is sending them")
+        if wait:
+            _follow(state, outcome.run_ids, stop, echo)
+        return
+    try:
+        with state.begin() as conn:
+            claim_delivering_runs(conn, socket.gethostname(), os.getpid())
+        with locks.Heartbeat(state, lease) as beat:
+            report = deliver(
+                state,
+                client,
+                lease=lease,
+                stop=lambda: stop() or beat.lost.is_set(),
+                concurrency=config.gleap.concurrency,
+                max_attempts=config.sync.max_attempts,
+            )
+        outcome.delivery = report
+        if report.error is not None or stop():
+            status = "interrupted" if report.error is None else "failed"
+            reason = report.stopped or "stopped"
+            if isinstance(report.error, GleapAuthError):
+                reason = str(report.error)
+            _close_open_runs(state, status, reason)
+    finally:
+        locks.release(state, lease)
+
+
+def _close_open_runs(state: Engine, status: str, reason: str) -> None:
+    with state.begin() as conn:
+        ids = conn.execute(
+            select(models.sync_runs.c.id).where(models.sync_runs.c.status == "delivering")
+        ).scalars().all()
+        for run_id in ids:
+            set_run(conn, run_id, status=status, error=f"{reason}; pending changes stay queued")
+
+
+def _follow(state: Engine, run_ids: list[int], stop: Callable[[], bool], echo: Printer) -> None:
+    last = -1
+    while not stop():
+        rows = runs(state, ids=run_ids, limit=len(run_ids) or 1)
+        open_rows = [r for r in rows if r["status"] in models.OPEN_STATUSES]
+        pending = sum(r["pending"] for r in open_rows)
+        if pending != last:
+            echo(f"waiting: {pending} changes still pending")
+            last = pending
+        if not open_rows:
+            return
+        time.sleep(0.5)
+
+
+def _dry_run(
+    config: Config, definitions: tuple[Definition, ...], *, full: bool, force: bool
+) -> SyncOutcome:
+    """Plan inside one transaction that is always rolled back: nothing is written, nothing sent."""
+    source = open_source(config.require_source())
+    outcome = SyncOutcome()
+    with _dry_run_state(config.state_url) as state, state.connect() as conn:
+        tx = conn.begin()
+        try:
+            for number, definition in enumerate(definitions, start=1):
+                try:
+                    result = plan_definition(
+                        conn,
+                        source,
+                        definition,
+                        run_id=-number,  # never a real run id; rolled back anyway
+                        full=full,
+                        force=force,
+                        chunk_size=config.sync.chunk_size,
+                        max_exit_ratio=config.sync.max_exit_ratio,
+                        max_attempts=config.sync.max_attempts,
+                    )
+                except SourceError as exc:
+                    outcome.errors.append(str(exc))
+                    continue
+                outcome.plans.append(result)
+            outcome.dry_run_calls = conn.execute(
+                select(func.count(func.distinct(models.outbox.c.user_id))).where(
+                    models.outbox.c.state == "pending"
+                )
+            ).scalar_one()
+        finally:
+            tx.rollback()
+    source.dispose()
+    g = config.gleap
+    outcome.dry_run_seconds = outcome.dry_run_calls * g.rate_window / g.rate_limit
+    return outcome
+
+
+class _dry_run_state:
+    """The real state DB read-only-by-rollback, or a throwaway one when it was never created.
+
+    Creating or migrating the real DB would be a change, which a dry run must not make.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.tmp: tempfile.TemporaryDirectory[str] | None = None
+        self.engine: Engine | None = None
+
+    def __enter__(self) -> Engine:
+        from audsync import migrate
+
+        parsed = make_url(self.url)
+        missing_file = parsed.get_backend_name() == "sqlite" and (
+            not parsed.database or not Path(parsed.database).exists()
+        )
+        if not missing_file:
+            engine = open_state(self.url, upgrade=False)
+            if migrate.current_revision(engine) == migrate.head_revision():
+                self.engine = engine
+                return engine
+            engine.dispose()
+        self.tmp = tempfile.TemporaryDirectory(prefix="audsync-dry-run-")
+        self.engine = open_state(f"sqlite:///{self.tmp.name}/state.db")
+        return self.engine
+
+    def __exit__(self, *exc: object) -> None:
+        if self.engine is not None:
+            self.engine.dispose()
+        if self.tmp is not None:
+            self.tmp.cleanup()
+
+
+__all__ = ["AudsyncError", "SyncOutcome", "run_sync"]

@@ -1,0 +1,118 @@
+"""Normalising values from any SQL engine into what Gleap and the ledger store.
+
+Canonical JSON text is the ledger's currency: the same value read from SQLite,
+PostgreSQL or DuckDB must produce the same text, or a resync would see changes
+that are not there (``450``, ``450.0`` and ``Decimal('450.00')`` are all ``450``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import uuid
+from decimal import Decimal
+from typing import Any
+
+JSON_TRUE = "true"
+JSON_FALSE = "false"
+JSON_NULL = "null"
+
+
+class UnstorableValue(ValueError):
+    """A value Gleap cannot keep as a contact attribute (lists, objects, NaN ...)."""
+
+
+def dumps(value: Any) -> str:
+    """Canonical compact JSON."""
+    return json.dumps(value, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+
+
+def normalize_user_id(raw: Any) -> str | None:
+    """The user id as Gleap's string, or None when the row has no usable id.
+
+    Numbers become their plain decimal text (``42``, ``42.0`` and ``Decimal(42)``
+    are all ``"42"``), so an id typed as integer in one engine and float in
+    another still names one user.
+    """
+    if raw is None or isinstance(raw, bool):
+        return None
+    if isinstance(raw, str):
+        return raw if raw.strip() else None
+    if isinstance(raw, int):
+        return str(raw)
+    if isinstance(raw, float):
+        if not math.isfinite(raw):
+            return None
+        return str(int(raw)) if raw.is_integer() else repr(raw)
+    if isinstance(raw, Decimal):
+        if not raw.is_finite():
+            return None
+        return str(int(raw)) if raw == raw.to_integral_value() else str(raw.normalize())
+    if isinstance(raw, uuid.UUID):
+        return str(raw)
+    if isinstance(raw, bytes):
+        text = raw.decode("utf-8", errors="replace")
+        return text if text.strip() else None
+    text = str(raw)
+    return text if text.strip() else None
+
+
+def iso_utc(value: dt.datetime | dt.date) -> str:
+    """ISO 8601 in UTC with a ``Z``; naive datetimes are taken to be UTC already."""
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=dt.UTC)
+        text = value.astimezone(dt.UTC).isoformat()
+        return text.removesuffix("+00:00") + "Z"
+    return value.isoformat()
+
+
+def timestamp(value: Any) -> str | None:
+    """A column value that should be a point in time, as ISO 8601 UTC text."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, dt.datetime | dt.date):
+        return iso_utc(value)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        # Unix seconds, or milliseconds when the number is too large for seconds.
+        seconds = value / 1000 if value > 1e11 else value
+        return iso_utc(dt.datetime.fromtimestamp(seconds, dt.UTC))
+    if isinstance(value, str):
+        try:
+            return iso_utc(dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00")))
+        except ValueError:
+            return value
+    raise UnstorableValue(f"{type(value).__name__} is not a timestamp")
+
+
+def attribute(value: Any) -> Any:
+    """A value Gleap can store as a custom attribute: string, number, boolean or null.
+
+    Raises UnstorableValue for lists, objects and non-finite numbers.
+    """
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise UnstorableValue(f"{value!r} is not a finite number")
+        return int(value) if value.is_integer() and abs(value) < 2**53 else value
+    if isinstance(value, Decimal):
+        if not value.is_finite():
+            raise UnstorableValue(f"{value} is not a finite number")
+        if value == value.to_integral_value():
+            return int(value)
+        return float(value)
+    if isinstance(value, dt.datetime | dt.date):
+        return iso_utc(value)
+    if isinstance(value, dt.time):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, list | tuple | dict | set):
+        raise UnstorableValue(f"a {type(value).__name__} cannot be stored in a Gleap attribute")
+    raise UnstorableValue(f"a {type(value).__name__} cannot be stored in a Gleap attribute")

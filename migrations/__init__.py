@@ -1,0 +1,1 @@
+"""Alembic revisions of the state database (shipped as ``audsync.migrations``)."""
