@@ -7,6 +7,7 @@ Exit codes: 0 ok, 1 the work failed, 2 bad usage or bad config (nothing done),
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -32,12 +33,34 @@ from audsync.report import duration, jsonable, table
 log = logging.getLogger("audsync")
 
 SUMMARY_COLUMNS = [
-    "audience", "mode", "status", "members", "entered", "exited", "changed",
-    "queued", "delivered", "failed", "pending",
+    "audience",
+    "mode",
+    "status",
+    "members",
+    "entered",
+    "exited",
+    "changed",
+    "queued",
+    "delivered",
+    "failed",
+    "pending",
 ]
 HISTORY_COLUMNS = [
-    "id", "audience_key", "trigger", "mode", "status", "started_at", "finished_at",
-    "members", "entered", "exited", "changed", "delivered", "failed", "pending", "error",
+    "id",
+    "audience_key",
+    "trigger",
+    "mode",
+    "status",
+    "started_at",
+    "finished_at",
+    "members",
+    "entered",
+    "exited",
+    "changed",
+    "delivered",
+    "failed",
+    "pending",
+    "error",
 ]
 
 
@@ -52,11 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sync SQL-defined audiences and computed traits to Gleap contacts.",
     )
     parser.add_argument(
-        "-c", "--config", default=_env_default("AUDSYNC_CONFIG"),
+        "-c",
+        "--config",
+        default=_env_default("AUDSYNC_CONFIG"),
         help="config file (env AUDSYNC_CONFIG; default ./audsync.toml)",
     )
     parser.add_argument(
-        "--log-level", default=_env_default("AUDSYNC_LOG_LEVEL", "INFO"),
+        "--log-level",
+        default=_env_default("AUDSYNC_LOG_LEVEL", "INFO"),
         help="DEBUG, INFO, WARNING or ERROR (env AUDSYNC_LOG_LEVEL)",
     )
     parser.add_argument("--version", action="version", version=f"audsync {__version__}")
@@ -65,17 +91,23 @@ def build_parser() -> argparse.ArgumentParser:
     sync = sub.add_parser("sync", help="plan now and deliver the changes (manual resync)")
     sync.add_argument("keys", nargs="*", metavar="KEY", help="audiences/traits (default: all)")
     sync.add_argument("--full", action="store_true", help="re-assert every value, not just changes")
-    sync.add_argument("--dry-run", action="store_true", help="show the plan; write and send nothing")
+    sync.add_argument(
+        "--dry-run", action="store_true", help="show the plan; write and send nothing"
+    )
     sync.add_argument("--force", action="store_true", help="go ahead although the breaker holds")
-    sync.add_argument("--wait", action="store_true",
-                      help="wait for other processes' leases and follow delivery to the end")
+    sync.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait for other processes' leases and follow delivery to the end",
+    )
 
     history = sub.add_parser("history", help="past runs from the state DB")
     history.add_argument("--audience", metavar="KEY")
     history.add_argument("--limit", type=int, default=20, metavar="N")
     history.add_argument("--json", action="store_true")
-    history.add_argument("--failures", action="store_true",
-                         help="per-user delivery failures instead of runs")
+    history.add_argument(
+        "--failures", action="store_true", help="per-user delivery failures instead of runs"
+    )
 
     status = sub.add_parser("status", help="backlog, last plans and who is delivering")
     status.add_argument("--json", action="store_true")
@@ -94,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep", metavar="DIR", help="build the demo in DIR and keep it")
 
     sandbox = sub.add_parser("sandbox", help="serve a local Gleap-compatible API for trying things")
-    sandbox.add_argument("--port", type=int, default=int(_env_default("AUDSYNC_SANDBOX_PORT", 8765)))
+    sandbox.add_argument(
+        "--port", type=int, default=int(_env_default("AUDSYNC_SANDBOX_PORT", 8765))
+    )
     sandbox.add_argument("--token", default=_env_default("AUDSYNC_SANDBOX_TOKEN", "sandbox-token"))
     sandbox.add_argument("--rate-limit", type=int, default=defaults.DEFAULT_RATE_LIMIT)
     sandbox.add_argument("--rate-window", type=float, default=defaults.DEFAULT_RATE_WINDOW)
@@ -111,11 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0) and EXIT_USAGE
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger().setLevel(getattr(logging, str(args.log_level).upper(), logging.INFO))
     # Request lines and migration chatter are noise at INFO for an operator.
     for noisy in ("httpx", "httpcore", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -149,21 +180,37 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
     config = _config(args)
     outcome = run_sync(
-        config, args.keys, full=args.full, force=args.force, dry_run=args.dry_run,
-        wait=args.wait, echo=lambda line: log.info(line),
+        config,
+        args.keys,
+        full=args.full,
+        force=args.force,
+        dry_run=args.dry_run,
+        wait=args.wait,
+        echo=lambda line: log.info(line),
     )
     for message in outcome.errors:
         _error(message)
     if args.dry_run:
         rows = [
-            {"audience": p.key, "mode": p.mode, "members": p.members, "entered": p.entered,
-             "exited": p.exited, "changed": p.changed, "queued": p.queued,
-             "held": "HELD: " + p.held if p.held else "-"}
+            {
+                "audience": p.key,
+                "mode": p.mode,
+                "members": p.members,
+                "entered": p.entered,
+                "exited": p.exited,
+                "changed": p.changed,
+                "queued": p.queued,
+                "held": "HELD: " + p.held if p.held else "-",
+            }
             for p in outcome.plans
         ]
         print("dry run: nothing was written and nothing was sent")
-        print(table(rows, ["audience", "mode", "members", "entered", "exited", "changed",
-                           "queued", "held"]))
+        print(
+            table(
+                rows,
+                ["audience", "mode", "members", "entered", "exited", "changed", "queued", "held"],
+            )
+        )
         print(
             f"{outcome.dry_run_calls:,} Identify calls, about "
             f"{duration(outcome.dry_run_seconds)} at {config.gleap.rate_limit} calls per "
@@ -172,8 +219,9 @@ def cmd_sync(args: argparse.Namespace) -> int:
         return EXIT_FAILED if outcome.errors else EXIT_OK
     state = open_state(config.state_url, upgrade=False)
     rows = []
-    for run in sorted(runs(state, ids=outcome.run_ids, limit=len(outcome.run_ids) or 1),
-                      key=lambda r: r["id"]):
+    for run in sorted(
+        runs(state, ids=outcome.run_ids, limit=len(outcome.run_ids) or 1), key=lambda r: r["id"]
+    ):
         rows.append({**run, "audience": run["audience_key"]})
     if rows:
         print(table(rows, SUMMARY_COLUMNS))
@@ -184,8 +232,10 @@ def cmd_sync(args: argparse.Namespace) -> int:
         print(f"changes are queued; the daemon ({outcome.handed_over_to}) is delivering them")
     report = outcome.delivery
     if report is not None:
-        print(f"{report.calls:,} Identify calls; {report.delivered:,} changes delivered, "
-              f"{report.failed:,} failed")
+        print(
+            f"{report.calls:,} Identify calls; {report.delivered:,} changes delivered, "
+            f"{report.failed:,} failed"
+        )
         if report.error is not None:
             _error(str(report.error))
     return EXIT_FAILED if outcome.failed else EXIT_OK
@@ -231,13 +281,27 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(jsonable(info), indent=2))
         return EXIT_OK
     if info["audiences"]:
-        print(table(info["audiences"], [
-            "key", "kind", "configured", "members", "last_status", "last_planned_at",
-            "last_success_at", "pending", "parked_failures",
-        ]))
+        print(
+            table(
+                info["audiences"],
+                [
+                    "key",
+                    "kind",
+                    "configured",
+                    "members",
+                    "last_status",
+                    "last_planned_at",
+                    "last_success_at",
+                    "pending",
+                    "parked_failures",
+                ],
+            )
+        )
     lease = info["delivery_lease"]
-    print(f"pending: {info['pending_users']:,} users, about {duration(info['eta_seconds'])} "
-          f"at {config.gleap.rate_limit} calls per {duration(config.gleap.rate_window)}")
+    print(
+        f"pending: {info['pending_users']:,} users, about {duration(info['eta_seconds'])} "
+        f"at {config.gleap.rate_limit} calls per {duration(config.gleap.rate_window)}"
+    )
     print(f"delivering: {lease['host']} pid {lease['pid']}" if lease else "delivering: nobody")
     return EXIT_OK
 
@@ -304,14 +368,17 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     from audsync.sandbox import Sandbox
 
     server = Sandbox(
-        args.token, port=args.port, rate_limit=args.rate_limit, rate_window=args.rate_window,
-        fail_ratio=args.fail_ratio, latency=args.latency, db_path=args.db,
+        args.token,
+        port=args.port,
+        rate_limit=args.rate_limit,
+        rate_window=args.rate_window,
+        fail_ratio=args.fail_ratio,
+        latency=args.latency,
+        db_path=args.db,
     )
     print(f"Gleap sandbox on {server.url} (token {args.token!r}); Ctrl-C stops it", flush=True)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass
     return EXIT_OK
 
 

@@ -302,7 +302,8 @@ def _coerce(value: Any, kind: str, where: str, key: str) -> Any:
 
 def _parse_definitions(raw: Mapping[str, Any], path: str) -> tuple[Definition, ...]:
     found: list[Definition] = []
-    for section, kind in (("audiences", "audience"), ("traits", "trait")):
+    sections: tuple[tuple[str, Kind], ...] = (("audiences", "audience"), ("traits", "trait"))
+    for section, kind in sections:
         entries = raw.get(section, [])
         if not isinstance(entries, list):
             raise ConfigError(path, section, f"must be an array of tables ([[{section}]])")
@@ -318,7 +319,9 @@ def _parse_definitions(raw: Mapping[str, Any], path: str) -> tuple[Definition, .
                 raise ConfigError(path, f"{where}.name", "missing or empty")
             sql = entry.get("sql")
             if not isinstance(sql, str) or not sql.strip():
-                raise ConfigError(path, f"{where}.sql", f"missing or empty ({name!r} needs a query)")
+                raise ConfigError(
+                    path, f"{where}.sql", f"missing or empty ({name!r} needs a query)"
+                )
             key = entry.get("key")
             if key is not None and not isinstance(key, str):
                 raise ConfigError(path, f"{where}.key", "must be a string")

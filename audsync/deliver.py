@@ -24,6 +24,7 @@ from audsync.defaults import DEFAULT_CONCURRENCY, DEFAULT_DELIVER_BATCH, DEFAULT
 from audsync.errors import AudsyncError, GleapAuthError, GleapError, GleapUnavailable
 from audsync.gleap import GleapClient, PayloadError, identify_bodies
 from audsync.locks import Lease, still_held
+from audsync.values import JSON_FALSE, JSON_NULL
 
 
 @dataclass(frozen=True)
@@ -46,13 +47,14 @@ class CallResult:
     ok: bool
     status: int | None = None
     reason: str | None = None
+    attempts: int = 0
 
 
 @dataclass
 class DeliveryReport:
     """What one drain of the outbox did."""
 
-    calls: int = 0
+    calls: int = 0  # HTTP requests made, retries included
     users: int = 0
     delivered: int = 0
     failed: int = 0
@@ -137,7 +139,9 @@ def deliver(
         results = []
         for body, carried in calls:
             outcome = client.identify(body, stop=halted)
-            results.append(CallResult(carried, outcome.ok, outcome.status, outcome.reason))
+            results.append(
+                CallResult(carried, outcome.ok, outcome.status, outcome.reason, 1 + outcome.retries)
+            )
         return results
 
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="audsync-send") as pool:
@@ -170,11 +174,11 @@ def deliver(
                         report.error = exc
                         halt.set()
                     report.users += 1
+                    report.calls += sum(r.attempts for r in results)
                 if on_progress is not None:
                     on_progress(report)
             with engine.begin() as conn:
                 finalize_runs(conn)
-    report.calls = client.stats.calls
     if report.error is not None:
         report.stopped = str(report.error)
     elif stop():
@@ -198,8 +202,8 @@ def _acknowledge(
         for result in results:
             for change in result.changes:
                 if result.ok:
-                    _ack(conn, change, now)
-                    delivered_by_run[change.run_id] = delivered_by_run.get(change.run_id, 0) + 1
+                    if _ack(conn, change, now):
+                        delivered_by_run[change.run_id] = delivered_by_run.get(change.run_id, 0) + 1
                     report.delivered += 1
                     report.per_key[change.audience_key] = (
                         report.per_key.get(change.audience_key, 0) + 1
@@ -210,7 +214,9 @@ def _acknowledge(
         runs = models.sync_runs.c
         for run_id, n in delivered_by_run.items():
             conn.execute(
-                update(models.sync_runs).where(runs.id == run_id).values(delivered=runs.delivered + n)
+                update(models.sync_runs)
+                .where(runs.id == run_id)
+                .values(delivered=runs.delivered + n)
             )
         for run_id, n in failed_by_run.items():
             conn.execute(
@@ -218,7 +224,8 @@ def _acknowledge(
             )
 
 
-def _ack(conn: Connection, change: Change, now: Any) -> None:
+def _ack(conn: Connection, change: Change, now: Any) -> bool:
+    """Record Gleap's 2xx for ``change``; True when it still was the queued value."""
     ledger = models.ledger.c
     updated = conn.execute(
         update(models.ledger)
@@ -236,13 +243,78 @@ def _ack(conn: Connection, change: Change, now: Any) -> None:
         )
     o = models.outbox.c
     # Only the acknowledged version goes: a newer plan's value stays queued.
-    conn.execute(
+    deleted = conn.execute(
         delete(models.outbox).where(
             and_(
                 o.audience_key == change.audience_key,
                 o.user_id == change.user_id,
                 o.version == change.version,
             )
+        )
+    )
+    if deleted.rowcount == 1:
+        return True
+    _requeue_if_stale(conn, change, now)
+    return False
+
+
+def _requeue_if_stale(conn: Connection, change: Change, now: Any) -> None:
+    """A newer plan withdrew this value while its call was in flight.
+
+    Gleap now holds ``change.value`` anyway, so if the newest snapshot wants
+    something else and nothing is queued for the pair, queue that — credited
+    to the audience's newest run — or Gleap would keep a stale value.
+    """
+    o, s = models.outbox.c, models.snapshot.c
+    queued = conn.execute(
+        select(o.version).where(o.audience_key == change.audience_key, o.user_id == change.user_id)
+    ).first()
+    if queued is not None:
+        return
+    wanted = conn.execute(
+        select(s.value, s.contact).where(
+            s.audience_key == change.audience_key, s.user_id == change.user_id
+        )
+    ).first()
+    if wanted is not None:
+        value, contact = wanted.value, wanted.contact
+    else:
+        kind = conn.execute(
+            select(models.audiences.c.kind).where(models.audiences.c.key == change.audience_key)
+        ).scalar()
+        value, contact = (JSON_FALSE if kind == "audience" else JSON_NULL), None
+    if value == change.value:
+        return
+    r = models.sync_runs.c
+    newest = conn.execute(
+        select(r.id)
+        .where(r.audience_key == change.audience_key, r.status.not_in(("held", "failed")))
+        .order_by(r.id.desc())
+        .limit(1)
+    ).scalar()
+    if newest is None:
+        newest = change.run_id
+    conn.execute(
+        insert(models.outbox).values(
+            audience_key=change.audience_key,
+            user_id=change.user_id,
+            value=value,
+            contact=contact,
+            run_id=newest,
+            version=change.version + 1,
+            priority=0,
+            state="pending",
+            attempts=0,
+            queued_at=now,
+        )
+    )
+    conn.execute(
+        update(models.sync_runs)
+        .where(r.id == newest)
+        .values(
+            queued=r.queued + 1,
+            status="delivering",
+            finished_at=None,
         )
     )
 
@@ -280,7 +352,8 @@ def finalize_runs(conn: Connection) -> None:
     """Close every delivering run none of whose changes is still pending."""
     conn.execute(
         text(
-            "UPDATE sync_runs SET status = CASE WHEN failed > 0 THEN 'partial' ELSE 'succeeded' END,"
+            "UPDATE sync_runs"
+            " SET status = CASE WHEN failed > 0 THEN 'partial' ELSE 'succeeded' END,"
             " finished_at = :now"
             " WHERE status = 'delivering'"
             " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.run_id = sync_runs.id"

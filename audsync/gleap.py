@@ -71,7 +71,7 @@ def parse_retry_after(header: str | None, now: float | None = None) -> float | N
         return None
     header = header.strip()
     try:
-        return max(0.0, float(header))
+        return max(0.0, float(header))  # seconds
     except ValueError:
         pass
     try:
@@ -100,7 +100,7 @@ def backoff_delay(
     """
     if retry_after is not None:
         return min(retry_after, retry_after_cap)
-    return rand() * min(cap, base * (2 ** (attempt - 1)))
+    return float(rand() * min(cap, base * (2 ** (attempt - 1))))
 
 
 @dataclass
@@ -247,11 +247,14 @@ class GleapClient:
         )
 
     def _sleep_for(self, seconds: float, stop: Callable[[], bool] | None) -> None:
-        deadline = time.monotonic() + seconds
-        while (remaining := deadline - time.monotonic()) > 0:
+        # Slept in short steps so a shutdown request is noticed within 0.25 s.
+        remaining = seconds
+        while remaining > 0:
             if stop is not None and stop():
                 raise GleapUnavailable("stopped while backing off")
-            self._sleep(min(remaining, 0.25))
+            step = min(remaining, 0.25)
+            self._sleep(step)
+            remaining -= step
 
     def _reason(self, response: httpx.Response) -> str:
         text = response.text.strip()[:500] or response.reason_phrase

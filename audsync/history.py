@@ -82,9 +82,13 @@ def mark_interrupted(engine: Engine) -> int:
     me = socket.gethostname()
     with engine.connect() as conn:
         rows = conn.execute(
-            select(models.sync_runs.c.id, models.sync_runs.c.audience_key,
-                   models.sync_runs.c.status, models.sync_runs.c.host, models.sync_runs.c.pid)
-            .where(models.sync_runs.c.status.in_(models.OPEN_STATUSES))
+            select(
+                models.sync_runs.c.id,
+                models.sync_runs.c.audience_key,
+                models.sync_runs.c.status,
+                models.sync_runs.c.host,
+                models.sync_runs.c.pid,
+            ).where(models.sync_runs.c.status.in_(models.OPEN_STATUSES))
         ).all()
     dead = []
     for row in rows:
@@ -92,8 +96,8 @@ def mark_interrupted(engine: Engine) -> int:
             if row.pid != os.getpid() and not pid_alive(row.pid):
                 dead.append(row)
         else:
-            lease = DELIVER_LEASE if row.status == "delivering" else plan_lease_name(
-                row.audience_key
+            lease = (
+                DELIVER_LEASE if row.status == "delivering" else plan_lease_name(row.audience_key)
             )
             if current_holder(engine, lease) is None:
                 dead.append(row)

@@ -47,16 +47,15 @@ class Lease:
     expires_at: float
 
 
-def acquire(
-    engine: Engine, name: str, holder: str, ttl: float = DEFAULT_LEASE_TTL
-) -> Lease | None:
+def acquire(engine: Engine, name: str, holder: str, ttl: float = DEFAULT_LEASE_TTL) -> Lease | None:
     """Take the lease if it is free, expired or already ours; None when someone else holds it."""
     now = wall()
     try:
         with engine.begin() as conn:
             row = conn.execute(
-                select(models.leases.c.holder, models.leases.c.token, models.leases.c.expires_at)
-                .where(models.leases.c.name == name)
+                select(
+                    models.leases.c.holder, models.leases.c.token, models.leases.c.expires_at
+                ).where(models.leases.c.name == name)
             ).first()
             values: dict[str, Any] = {
                 "holder": holder,

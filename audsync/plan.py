@@ -117,7 +117,9 @@ def plan_definition(
 
     load_snapshot(conn, source, definition, chunk_size, result.stats)
     result.members = conn.execute(
-        select(func.count()).select_from(models.snapshot).where(models.snapshot.c.audience_key == key)
+        select(func.count())
+        .select_from(models.snapshot)
+        .where(models.snapshot.c.audience_key == key)
     ).scalar_one()
 
     _fill_changes(conn, key, absent, full=mode == "full")
@@ -189,9 +191,7 @@ def plan_definition(
     )
     result.superseded = sum(int(c) for r, c in superseded if r != run_id)
     result.queued = conn.execute(
-        select(func.count())
-        .select_from(models.outbox)
-        .where(models.outbox.c.run_id == run_id)
+        select(func.count()).select_from(models.outbox).where(models.outbox.c.run_id == run_id)
     ).scalar_one()
     _record_audience(conn, definition, result.members)
     return result
@@ -240,7 +240,7 @@ def _insert_snapshot(
     )
     for chunk in chunks:
         rows = [(key, u, v, c) for u, v, c in chunk]
-        cursor = conn.exec_driver_sql(statement, rows)  # type: ignore[arg-type]
+        cursor = conn.exec_driver_sql(statement, rows)
         if cursor.rowcount >= 0:
             stats.duplicate_ids += len(rows) - cursor.rowcount
 

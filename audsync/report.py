@@ -53,7 +53,7 @@ def jsonable(value: Any) -> Any:
 
 def duration(seconds: float) -> str:
     """Seconds as a short human duration: 45s, 12m, 3h 20m, 2d 4h."""
-    seconds = max(0, int(round(seconds)))
+    seconds = max(0, round(seconds))
     if seconds < 60:
         return f"{seconds}s"
     minutes, _ = divmod(seconds, 60)

@@ -19,6 +19,7 @@ import random
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -69,6 +70,8 @@ class Sandbox:
         self.fail_ratio = fail_ratio
         self.latency = latency
         self.reject_users = set(reject_users or ())
+        self.on_identify: Callable[[dict[str, Any]], None] | None = None
+        """Called with each valid Identify body before it is stored (for tests)."""
         self.stats = SandboxStats()
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
@@ -98,7 +101,10 @@ class Sandbox:
     def start(self) -> Sandbox:
         """Serve in a background thread."""
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name="gleap-sandbox", daemon=True
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="gleap-sandbox",
+            daemon=True,
         )
         self._thread.start()
         return self
@@ -145,8 +151,14 @@ class Sandbox:
                 (path_prefix + "%",),
             ).fetchall()
         return [
-            {"at": at, "method": m, "path": p, "status": s, "user_id": u,
-             "body": json.loads(b) if b else None}
+            {
+                "at": at,
+                "method": m,
+                "path": p,
+                "status": s,
+                "user_id": u,
+                "body": json.loads(b) if b else None,
+            }
             for at, m, p, s, u, b in rows
         ]
 
@@ -202,7 +214,7 @@ class Sandbox:
         if method == "GET" and path == "/admin/auth":
             return 200, {}, {"ok": True}
         if method == "DELETE" and path.startswith("/admin/contacts/"):
-            user_id = unquote(path[len("/admin/contacts/"):])
+            user_id = unquote(path[len("/admin/contacts/") :])
             with self._lock:
                 self._db.execute("DELETE FROM contacts WHERE user_id = ?", (user_id,))
                 self.stats.deleted += 1
@@ -232,6 +244,8 @@ class Sandbox:
             self.stats.rejected += 1
             return 400, {}, {"error": problem}
         user_id = data["userId"]
+        if self.on_identify is not None:
+            self.on_identify(data)
         with self._lock:
             row = self._db.execute(
                 "SELECT data FROM contacts WHERE user_id = ?", (user_id,)

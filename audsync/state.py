@@ -55,7 +55,8 @@ def _password(url: str) -> str | None:
     try:
         from sqlalchemy.engine import make_url
 
-        return make_url(url).password  # type: ignore[return-value]
+        password = make_url(url).password
+        return None if password is None else str(password)
     except Exception:
         return None
 

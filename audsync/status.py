@@ -23,18 +23,18 @@ def collect_status(engine: Engine, config: Config) -> dict[str, Any]:
     o = models.outbox.c
     with engine.connect() as conn:
         known = {row.key: dict(row._mapping) for row in conn.execute(select(models.audiences))}
-        pending = dict(
+        pending: dict[str, int] = dict(
             conn.execute(
-                select(o.audience_key, func.count()).where(o.state == "pending").group_by(
-                    o.audience_key
-                )
+                select(o.audience_key, func.count())
+                .where(o.state == "pending")
+                .group_by(o.audience_key)
             ).all()
         )
-        parked = dict(
+        parked: dict[str, int] = dict(
             conn.execute(
-                select(o.audience_key, func.count()).where(o.state == "failed").group_by(
-                    o.audience_key
-                )
+                select(o.audience_key, func.count())
+                .where(o.state == "failed")
+                .group_by(o.audience_key)
             ).all()
         )
         users = conn.execute(

@@ -52,8 +52,10 @@ class SyncOutcome:
     @property
     def failed(self) -> bool:
         """True when any plan failed or was held, or delivery stopped on an error."""
-        return bool(self.errors) or any(p.held for p in self.plans) or bool(
-            self.delivery and self.delivery.error
+        return (
+            bool(self.errors)
+            or any(p.held for p in self.plans)
+            or bool(self.delivery and self.delivery.error)
         )
 
 
@@ -129,8 +131,15 @@ def _plan_all(
             for definition in definitions:
                 echo(f"planning {definition.key} ...")
                 _plan_one(
-                    config, definition, state, source, outcome, leases[definition.key],
-                    full=full, force=force, trigger=trigger,
+                    config,
+                    definition,
+                    state,
+                    source,
+                    outcome,
+                    leases[definition.key],
+                    full=full,
+                    force=force,
+                    trigger=trigger,
                 )
     finally:
         for lease in leases.values():
@@ -243,7 +252,9 @@ def _deliver_or_hand_over(
         outcome.handed_over_to = f"{other.get('host')} pid {other.get('pid')}"
         with state.begin() as conn:
             claim_delivering_runs(conn, str(other.get("host")), int(other.get("pid") or 0))
-        echo(f"changes queued; {outcome.handed_over_to} holds the delivery lease and is sending them")
+        echo(
+            f"changes queued; {outcome.handed_over_to} holds the delivery lease and is sending them"
+        )
         if wait:
             _follow(state, outcome.run_ids, stop, echo)
         return
@@ -272,9 +283,13 @@ def _deliver_or_hand_over(
 
 def _close_open_runs(state: Engine, status: str, reason: str) -> None:
     with state.begin() as conn:
-        ids = conn.execute(
-            select(models.sync_runs.c.id).where(models.sync_runs.c.status == "delivering")
-        ).scalars().all()
+        ids = (
+            conn.execute(
+                select(models.sync_runs.c.id).where(models.sync_runs.c.status == "delivering")
+            )
+            .scalars()
+            .all()
+        )
         for run_id in ids:
             set_run(conn, run_id, status=status, error=f"{reason}; pending changes stay queued")
 

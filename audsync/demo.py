@@ -1,0 +1,182 @@
+"""``audsync demo``: a warehouse, a Gleap sandbox, an initial and an incremental sync, offline."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import random
+import sqlite3
+import tempfile
+from pathlib import Path
+
+from audsync.sandbox import Sandbox
+
+DEMO_TOKEN = "demo-token"
+DEMO_RATE_LIMIT = 60000
+"""Calls per minute in the demo: Gleap allows 1000, but a demo should end in seconds."""
+
+CONFIG = """\
+# audsync demo config: the warehouse and state DB live next to this file.
+[gleap]
+base_url = "{base_url}"
+rate_limit = {rate_limit}
+rate_window = "60s"
+
+[source]
+url = "sqlite:///{warehouse}"
+
+[state]
+url = "sqlite:///{state}"
+
+[[audiences]]
+name = "Order Completed Last 30 Days"
+sql = \"\"\"
+SELECT DISTINCT u.id AS user_id, u.email, u.first_name, u.last_name, u.plan
+FROM users u JOIN orders o ON o.user_id = u.id
+WHERE o.ordered_at >= date('{today}', '-30 days')
+\"\"\"
+
+[[audiences]]
+name = "High-Value Customers"
+sql = \"\"\"
+SELECT user_id FROM orders
+WHERE ordered_at >= date('{today}', '-180 days')
+GROUP BY user_id HAVING SUM(amount) >= 500
+\"\"\"
+
+[[audiences]]
+name = "Pro Plan"
+sql = "SELECT id AS user_id, email, company_name, signed_up_at FROM users WHERE plan = 'pro'"
+
+[[traits]]
+name = "Total Revenue 180 Days"
+sql = \"\"\"
+SELECT user_id, ROUND(SUM(amount), 2) AS value FROM orders
+WHERE ordered_at >= date('{today}', '-180 days') GROUP BY user_id
+\"\"\"
+"""
+
+FIRST = ["Ada", "Bob", "Chen", "Dana", "Eve", "Femi", "Gus", "Hana", "Ivan", "Jo"]
+LAST = ["Stone", "Okafor", "Lee", "Novak", "Garcia", "Berg", None]
+
+
+def build_warehouse(path: Path, users: int, today: dt.date, seed: int = 7) -> None:
+    """A small shop: users with plans and companies, and six months of orders."""
+    rng = random.Random(seed)
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE users (id INTEGER PRIMARY KEY, email TEXT, first_name TEXT,"
+        " last_name TEXT, plan TEXT, company_name TEXT, signed_up_at TEXT);"
+        "CREATE TABLE orders (id INTEGER PRIMARY KEY, user_id INTEGER, amount REAL,"
+        " ordered_at TEXT);"
+    )
+    db.executemany(
+        "INSERT INTO users VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [
+            (
+                i,
+                f"user{i}@example.com",
+                rng.choice(FIRST),
+                rng.choice(LAST),
+                rng.choice(["free", "free", "pro", "team"]),
+                rng.choice(["Acme", "Globex", "Initech", None]),
+                (today - dt.timedelta(days=rng.randint(30, 900))).isoformat() + "T09:00:00",
+            )
+            for i in range(1, users + 1)
+        ],
+    )
+    orders = []
+    for i in range(1, users + 1):
+        for _ in range(rng.choice([0, 0, 1, 2, 3, 5])):
+            days_ago = rng.randint(0, 200)
+            orders.append((i, round(rng.uniform(10, 400), 2), _day(today, days_ago)))
+    db.executemany("INSERT INTO orders (user_id, amount, ordered_at) VALUES (?, ?, ?)", orders)
+    db.commit()
+    db.close()
+
+
+def change_warehouse(path: Path, today: dt.date, seed: int = 8) -> None:
+    """A few hours of business: new orders, downgrades, an upgrade."""
+    rng = random.Random(seed)
+    db = sqlite3.connect(path)
+    count = db.execute("SELECT COUNT(*) FROM users").fetchone()[0]
+    buyers = rng.sample(range(1, count + 1), k=max(1, count // 50))
+    db.executemany(
+        "INSERT INTO orders (user_id, amount, ordered_at) VALUES (?, ?, ?)",
+        [(u, round(rng.uniform(50, 700), 2), _day(today, 0)) for u in buyers],
+    )
+    db.execute("UPDATE users SET plan = 'free' WHERE plan = 'pro' AND id % 17 = 0")
+    db.execute("UPDATE users SET plan = 'pro' WHERE plan = 'team' AND id % 23 = 0")
+    db.commit()
+    db.close()
+
+
+def _day(today: dt.date, days_ago: int) -> str:
+    return (today - dt.timedelta(days=days_ago)).isoformat()
+
+
+def run_demo(users: int = 3000, keep: str | None = None) -> int:
+    """Build everything in a temporary folder (or ``keep``), sync twice, show the result."""
+    from audsync.cli import main
+
+    holder = None if keep else tempfile.TemporaryDirectory(prefix="audsync-demo-")
+    folder = Path(keep or (holder.name if holder else "."))
+    folder.mkdir(parents=True, exist_ok=True)
+    today = dt.date.today()
+    warehouse, state, config_path = (
+        folder / "warehouse.db",
+        folder / "audsync.db",
+        folder / "audsync.toml",
+    )
+    for old in (warehouse, state):
+        old.unlink(missing_ok=True)
+    build_warehouse(warehouse, users, today)
+    previous_token = os.environ.get("AUDSYNC_GLEAP_API_TOKEN")
+    os.environ["AUDSYNC_GLEAP_API_TOKEN"] = DEMO_TOKEN
+    try:
+        with Sandbox(DEMO_TOKEN, rate_limit=DEMO_RATE_LIMIT, rate_window=60) as gleap:
+            config_path.write_text(
+                CONFIG.format(
+                    base_url=gleap.url,
+                    rate_limit=DEMO_RATE_LIMIT,
+                    warehouse=warehouse,
+                    state=state,
+                    today=today.isoformat(),
+                ),
+                encoding="utf-8",
+            )
+            print(f"== demo in {folder}: {users:,} users, a Gleap sandbox at {gleap.url}")
+            print(
+                f"   (paced at {DEMO_RATE_LIMIT:,} calls/min to end quickly; Gleap allows 1,000)"
+            )
+            print("\n== 1. initial sync: every member is sent")
+            code = main(["-c", str(config_path), "--log-level", "WARNING", "sync"])
+            if code:
+                return code
+            calls_before = len(gleap.calls("/admin/identify"))
+            print("\n== 2. the shop changes: new orders, a few plan changes")
+            change_warehouse(warehouse, today)
+            print("\n== 3. incremental sync: only the changes are sent")
+            code = main(["-c", str(config_path), "--log-level", "WARNING", "sync"])
+            if code:
+                return code
+            calls = len(gleap.calls("/admin/identify")) - calls_before
+            print(f"   {calls} Identify calls for the incremental sync")
+            print("\n== 4. history (SELECT * FROM sync_runs)")
+            main(["-c", str(config_path), "history"])
+            print("\n== 5. a few contacts as Gleap now sees them")
+            contacts = gleap.contacts()
+            for user_id in sorted(contacts, key=int)[:3]:
+                print(json.dumps(contacts[user_id], sort_keys=True))
+            print(f"\n{len(contacts):,} contacts in the sandbox.")
+            if keep:
+                print(f"Everything is in {folder}; try: audsync -c {config_path} status")
+        return 0
+    finally:
+        if previous_token is None:
+            os.environ.pop("AUDSYNC_GLEAP_API_TOKEN", None)
+        else:
+            os.environ["AUDSYNC_GLEAP_API_TOKEN"] = previous_token
+        if holder is not None:
+            holder.cleanup()

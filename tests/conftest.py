@@ -1,0 +1,181 @@
+"""Shared fixtures: a real Gleap sandbox, real SQLite files and (when set) real PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from audsync.config import Config, load_config
+from audsync.sandbox import Sandbox
+
+TOKEN = "test-token-5ecr3t-value"
+PG_URL = os.environ.get("AUDSYNC_TEST_POSTGRES_URL")
+
+
+@pytest.fixture
+def gleap() -> Iterator[Sandbox]:
+    """A Gleap sandbox with no rate limit (tests that need one build their own)."""
+    with Sandbox(TOKEN, seed=1) as server:
+        yield server
+
+
+def _fresh_pg_database() -> Iterator[str]:
+    assert PG_URL is not None
+    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    name = f"audsync_t_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
+    try:
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A new, empty PostgreSQL database (skipped without AUDSYNC_TEST_POSTGRES_URL)."""
+    if not PG_URL:
+        pytest.skip("AUDSYNC_TEST_POSTGRES_URL is not set")
+    yield from _fresh_pg_database()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The state DB URL: a SQLite file, then a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'state.db'}"
+        return
+    if not PG_URL:
+        pytest.skip("AUDSYNC_TEST_POSTGRES_URL is not set")
+    yield from _fresh_pg_database()
+
+
+class Warehouse:
+    """A SQLite source database with a ``people`` table the tests edit between syncs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.url = f"sqlite:///{path}"
+        with self.connect() as db:
+            db.executescript(
+                "CREATE TABLE people (id INTEGER PRIMARY KEY, email TEXT, first_name TEXT,"
+                " last_name TEXT, vip INTEGER DEFAULT 0, buyer INTEGER DEFAULT 0,"
+                " revenue REAL);"
+            )
+
+    def connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, isolation_level=None)
+
+    def add(
+        self,
+        user_id: int,
+        *,
+        vip: bool = False,
+        buyer: bool = False,
+        revenue: float | None = None,
+        first_name: str | None = None,
+    ) -> None:
+        with self.connect() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO people VALUES (?, ?, ?, NULL, ?, ?, ?)",
+                (
+                    user_id,
+                    f"p{user_id}@example.com",
+                    first_name or f"P{user_id}",
+                    int(vip),
+                    int(buyer),
+                    revenue,
+                ),
+            )
+
+    def execute(self, sql: str, *params: Any) -> None:
+        with self.connect() as db:
+            db.execute(sql, params)
+
+    def members(self, column: str) -> set[str]:
+        with self.connect() as db:
+            return {str(r[0]) for r in db.execute(f"SELECT id FROM people WHERE {column} = 1")}
+
+    def revenue(self) -> dict[str, float]:
+        with self.connect() as db:
+            rows = db.execute("SELECT id, revenue FROM people WHERE revenue IS NOT NULL")
+            return {str(i): v for i, v in rows}
+
+
+@pytest.fixture
+def warehouse(tmp_path: Path) -> Warehouse:
+    return Warehouse(tmp_path / "warehouse.db")
+
+
+AUDIENCES = """
+[[audiences]]
+name = "VIP Customers"
+sql = "SELECT id AS user_id, email, first_name, last_name FROM people WHERE vip = 1"
+
+[[audiences]]
+name = "Buyers"
+sql = "SELECT id AS user_id FROM people WHERE buyer = 1"
+
+[[traits]]
+name = "Revenue"
+sql = "SELECT id AS user_id, revenue AS value FROM people WHERE revenue IS NOT NULL"
+"""
+
+
+def write_config(
+    tmp_path: Path,
+    *,
+    base_url: str,
+    source_url: str,
+    state_url: str,
+    body: str = AUDIENCES,
+    gleap_extra: str = "",
+    extra: str = "",
+    name: str = "audsync.toml",
+) -> Path:
+    path = tmp_path / name
+    path.write_text(
+        f'[gleap]\nbase_url = "{base_url}"\nrate_limit = 100000\nrate_window = "60s"\n'
+        f"max_retries = 3\n{gleap_extra}\n"
+        f'[source]\nurl = "{source_url}"\n[state]\nurl = "{state_url}"\n{extra}\n{body}',
+        encoding="utf-8",
+    )
+    return path
+
+
+@pytest.fixture
+def make_config(
+    tmp_path: Path,
+    gleap: Sandbox,
+    warehouse: Warehouse,
+    state_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Any:
+    """Write a config for the sandbox + warehouse + state DB; returns (path, Config)."""
+    monkeypatch.setenv("AUDSYNC_GLEAP_API_TOKEN", TOKEN)
+    for name in (
+        "AUDSYNC_CONFIG",
+        "AUDSYNC_STATE_URL",
+        "AUDSYNC_SOURCE_URL",
+        "AUDSYNC_GLEAP_BASE_URL",
+    ):
+        monkeypatch.delenv(name, raising=False)
+
+    def make(**kwargs: Any) -> tuple[Path, Config]:
+        path = write_config(
+            tmp_path, base_url=gleap.url, source_url=warehouse.url, state_url=state_url, **kwargs
+        )
+        return path, load_config(str(path))
+
+    return make

@@ -1,0 +1,180 @@
+"""Planning decisions (tables of cases) and the SQL diff on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import Warehouse
+from helpers import query
+from sqlalchemy import Engine, create_engine
+
+from audsync.config import Definition
+from audsync.history import start_run
+from audsync.plan import PlanResult, breaker_verdict, choose_mode, plan_definition
+from audsync.state import open_state
+
+
+@pytest.mark.parametrize(
+    ("ledger_rows", "full", "mode"),
+    [(0, False, "initial"), (5, False, "incremental"), (0, True, "full"), (5, True, "full")],
+)
+def test_choose_mode(ledger_rows: int, full: bool, mode: str) -> None:
+    assert choose_mode(ledger_rows, full) == mode
+
+
+@pytest.mark.parametrize(
+    ("previous", "members", "exits", "ratio", "force", "held"),
+    [
+        (0, 0, 0, 0.5, False, None),  # brand new, empty: nothing to protect
+        (100, 0, 100, 0.5, False, "returned no rows"),
+        (100, 0, 100, 0.5, True, None),  # forced
+        (100, 60, 40, 0.5, False, None),
+        (100, 50, 50, 0.5, False, None),  # exactly at the ratio is allowed
+        (100, 49, 51, 0.5, False, "51 of 100 users would be removed"),
+        (100, 90, 51, 0.5, False, "51 of 100"),  # churn with newcomers still counts exits
+        (10, 9, 1, 0.05, False, "1 of 10"),
+        (100, 1, 99, 1.0, False, None),
+    ],
+)
+def test_breaker_verdict(
+    previous: int, members: int, exits: int, ratio: float, force: bool, held: str | None
+) -> None:
+    verdict = breaker_verdict(previous, members, exits, ratio, force)
+    if held is None:
+        assert verdict is None
+    else:
+        assert verdict is not None and held in verdict and "--force" in verdict
+
+
+VIP = Definition("audience", "VIP", "vip", "SELECT id AS user_id FROM people WHERE vip = 1")
+REVENUE = Definition(
+    "trait", "Revenue", "revenue", "SELECT id AS user_id, revenue AS value FROM people"
+)
+
+
+def plan(state: Engine, source: Engine, definition: Definition, **kwargs: object) -> PlanResult:
+    run_id = start_run(state, definition.key, "manual", "?")
+    with state.begin() as conn:
+        return plan_definition(conn, source, definition, run_id=run_id, **kwargs)  # type: ignore[arg-type]
+
+
+def outbox(state_url: str) -> dict[str, tuple[str, int, int]]:
+    return {
+        r["user_id"]: (json.loads(r["value"]), r["version"], r["run_id"])
+        for r in query(state_url, "SELECT * FROM outbox ORDER BY user_id")
+    }
+
+
+def ack_all(state_url: str) -> None:
+    """Pretend Gleap acknowledged every pending row (what deliver does on 2xx)."""
+    from sqlalchemy import text
+
+    engine = create_engine(state_url)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO ledger (audience_key, user_id, value, acked_at)"
+                " SELECT audience_key, user_id, value, queued_at FROM outbox WHERE true"
+                " ON CONFLICT (audience_key, user_id) DO UPDATE SET value = excluded.value"
+            )
+        )
+        conn.execute(text("DELETE FROM outbox"))
+    engine.dispose()
+
+
+def test_newer_plan_replaces_pending_value_and_credits_superseded(
+    state_url: str, warehouse: Warehouse
+) -> None:
+    state, source = open_state(state_url), create_engine(warehouse.url)
+    for i in range(1, 5):
+        warehouse.add(i, vip=True)
+    first = plan(state, source, VIP)
+    assert (first.mode, first.entered, first.queued) == ("initial", 4, 4)
+    assert {u: v for u, (v, _, _) in outbox(state_url).items()} == dict.fromkeys("1234", True)
+
+    # Before anything is delivered: 4 leaves, 5 joins.
+    warehouse.execute("UPDATE people SET vip = 0 WHERE id = 4")
+    warehouse.add(5, vip=True)
+    second = plan(state, source, VIP)
+    # Still initial (nothing acknowledged yet); 4's pending `true` is withdrawn,
+    # not turned into a `false` Gleap never needed.
+    assert second.mode == "initial"
+    rows = outbox(state_url)
+    assert set(rows) == {"1", "2", "3", "5"}  # invariant 2: one row per pair
+    assert rows["5"][2] != rows["1"][2]  # 1-3 still belong to the first run
+    runs = {r["id"]: r for r in query(state_url, "SELECT * FROM sync_runs")}
+    assert runs[rows["1"][2]]["superseded"] == 1
+    assert second.queued == 1
+
+
+def test_incremental_and_full_after_acknowledgement(state_url: str, warehouse: Warehouse) -> None:
+    state, source = open_state(state_url), create_engine(warehouse.url)
+    for i in range(1, 6):
+        warehouse.add(i, vip=i <= 3)
+    plan(state, source, VIP)
+    ack_all(state_url)
+    warehouse.execute("UPDATE people SET vip = 0 WHERE id = 1")
+    warehouse.execute("UPDATE people SET vip = 1 WHERE id = 4")
+    result = plan(state, source, VIP)
+    assert (result.mode, result.entered, result.exited, result.queued) == ("incremental", 1, 1, 2)
+    assert {u: v for u, (v, _, _) in outbox(state_url).items()} == {"1": False, "4": True}
+    ack_all(state_url)
+
+    warehouse.execute("UPDATE people SET vip = 0 WHERE id = 2")
+    full = plan(state, source, VIP, full=True)
+    assert full.mode == "full"
+    # members 3, 4 re-asserted true; 1 (left earlier) and 2 (left now) false.
+    assert {u: v for u, (v, _, _) in outbox(state_url).items()} == {
+        "1": False,
+        "2": False,
+        "3": True,
+        "4": True,
+    }
+    assert (full.entered, full.exited, full.reasserted, full.queued) == (0, 1, 3, 4)
+
+
+def test_change_while_pending_bumps_version(state_url: str, warehouse: Warehouse) -> None:
+    state, source = open_state(state_url), create_engine(warehouse.url)
+    warehouse.add(1, revenue=10.0)
+    plan(state, source, REVENUE)
+    assert outbox(state_url)["1"][:2] == (10, 1)
+    plan(state, source, REVENUE)  # same value: untouched
+    assert outbox(state_url)["1"][:2] == (10, 1)
+    warehouse.execute("UPDATE people SET revenue = 11 WHERE id = 1")
+    plan(state, source, REVENUE)
+    assert outbox(state_url)["1"][:2] == (11, 2)
+
+
+def test_trait_values_and_null_when_gone(state_url: str, warehouse: Warehouse) -> None:
+    state, source = open_state(state_url), create_engine(warehouse.url)
+    warehouse.add(1, revenue=10.0)
+    warehouse.add(2, revenue=20.5)
+    warehouse.add(3, revenue=None)
+    first = plan(state, source, REVENUE)
+    assert first.members == 2
+    ack_all(state_url)
+    warehouse.execute("UPDATE people SET revenue = NULL WHERE id = 1")
+    warehouse.execute("UPDATE people SET revenue = 21 WHERE id = 2")
+    warehouse.execute("UPDATE people SET revenue = 5 WHERE id = 3")
+    second = plan(state, source, REVENUE)
+    assert (second.entered, second.changed, second.exited) == (1, 1, 1)
+    assert {u: v for u, (v, _, _) in outbox(state_url).items()} == {"1": None, "2": 21, "3": 5}
+
+
+def test_held_plan_writes_nothing(state_url: str, warehouse: Warehouse, tmp_path: Path) -> None:
+    state, source = open_state(state_url), create_engine(warehouse.url)
+    for i in range(1, 5):
+        warehouse.add(i, vip=True)
+    plan(state, source, VIP)
+    ack_all(state_url)
+    warehouse.execute("UPDATE people SET vip = 0")
+    run_id = start_run(state, "vip", "manual", "?")
+    with state.connect() as conn:
+        tx = conn.begin()
+        result = plan_definition(conn, source, VIP, run_id=run_id)
+        assert result.held and "no rows" in result.held
+        tx.rollback()
+    assert query(state_url, "SELECT COUNT(*) AS n FROM outbox")[0]["n"] == 0
+    assert query(state_url, "SELECT COUNT(*) AS n FROM snapshot")[0]["n"] == 4
