@@ -148,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger().setLevel(getattr(logging, str(args.log_level).upper(), logging.INFO))
     # Request lines and migration chatter are noise at INFO for an operator.
-    for noisy in ("httpx", "httpcore", "alembic"):
+    for noisy in ("httpx", "httpcore", "alembic", "apscheduler"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     token = os.environ.get("AUDSYNC_GLEAP_API_TOKEN")
     try:
@@ -277,6 +277,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     config = _config(args, require_file=False)
     state = open_state(config.state_url, upgrade=False)
     info = collect_status(state, config)
+    for audience in info["audiences"]:
+        audience["eta"] = duration(audience["eta_seconds"]) if audience["pending"] else "-"
     if args.json:
         print(json.dumps(jsonable(info), indent=2))
         return EXIT_OK
@@ -297,6 +299,15 @@ def cmd_status(args: argparse.Namespace) -> int:
                 ],
             )
         )
+    for daemon in info["daemons"]:
+        print(
+            f"daemon: {daemon['host']} pid {daemon['pid']} ({daemon['state']}), "
+            f"last beat {daemon['beat_at']:%Y-%m-%d %H:%M:%S} UTC"
+        )
+    if info["next_run_at"] is not None:
+        print(f"next scheduled plan: {info['next_run_at']:%Y-%m-%d %H:%M:%S} UTC")
+    elif not info["daemons"]:
+        print("next scheduled plan: none (no daemon is running; start one with `audsync run`)")
     lease = info["delivery_lease"]
     print(
         f"pending: {info['pending_users']:,} users, about {duration(info['eta_seconds'])} "

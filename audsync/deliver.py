@@ -21,7 +21,13 @@ from sqlalchemy import Connection, Engine, and_, bindparam, delete, insert, sele
 from audsync import models
 from audsync.clock import utcnow
 from audsync.defaults import DEFAULT_CONCURRENCY, DEFAULT_DELIVER_BATCH, DEFAULT_MAX_ATTEMPTS
-from audsync.errors import AudsyncError, GleapAuthError, GleapError, GleapUnavailable
+from audsync.errors import (
+    AudsyncError,
+    GleapAuthError,
+    GleapError,
+    GleapUnavailable,
+    Interrupted,
+)
 from audsync.gleap import GleapClient, PayloadError, identify_bodies
 from audsync.locks import Lease, still_held
 from audsync.values import JSON_FALSE, JSON_NULL
@@ -163,6 +169,8 @@ def deliver(
                 for future in done:
                     try:
                         results = future.result()
+                    except Interrupted:
+                        continue  # stopped before its call went out: it stays queued
                     except GleapError as exc:
                         if report.error is None or isinstance(exc, GleapAuthError):
                             report.error = exc

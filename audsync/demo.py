@@ -147,9 +147,7 @@ def run_demo(users: int = 3000, keep: str | None = None) -> int:
                 encoding="utf-8",
             )
             print(f"== demo in {folder}: {users:,} users, a Gleap sandbox at {gleap.url}")
-            print(
-                f"   (paced at {DEMO_RATE_LIMIT:,} calls/min to end quickly; Gleap allows 1,000)"
-            )
+            print(f"   (paced at {DEMO_RATE_LIMIT:,} calls/min to end quickly; Gleap allows 1,000)")
             print("\n== 1. initial sync: every member is sent")
             code = main(["-c", str(config_path), "--log-level", "WARNING", "sync"])
             if code:

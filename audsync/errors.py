@@ -7,6 +7,7 @@
     ├── SourceError                   an audience query failed; names the audience
     ├── StateError                    the state DB is unreachable, locked or too old
     ├── LeaseHeld                     another process holds a lease (exit 3)
+    ├── Interrupted                   a shutdown request stopped the work (nothing lost)
     └── GleapError                    Gleap could not be used
         ├── GleapAuthError            401/403: "Gleap rejected the API token"
         └── GleapUnavailable          429/5xx/network errors outlasted every retry
@@ -58,6 +59,10 @@ class LeaseHeld(AudsyncError):
     """Another process holds the lease this command needs."""
 
     exit_code = EXIT_LEASE_HELD
+
+
+class Interrupted(AudsyncError):
+    """A shutdown request stopped the work; whatever was not finished stays queued."""
 
 
 class GleapError(AudsyncError):

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 
 from audsync import defaults
-from audsync.errors import GleapAuthError, GleapUnavailable, redact
+from audsync.errors import GleapAuthError, GleapUnavailable, Interrupted, redact
 from audsync.pacing import Pacer
 from audsync.source import INVALID_MARK
 
@@ -193,7 +193,7 @@ class GleapClient:
         failures = throttles = 0
         while True:
             if paced and not self.pacer.acquire(stop):
-                raise GleapUnavailable("stopped while waiting for the rate budget")
+                raise Interrupted("stopped while waiting for the rate budget")
             self.stats.calls += 1
             retry_after: float | None = None
             try:
@@ -251,7 +251,7 @@ class GleapClient:
         remaining = seconds
         while remaining > 0:
             if stop is not None and stop():
-                raise GleapUnavailable("stopped while backing off")
+                raise Interrupted("stopped while backing off")
             step = min(remaining, 0.25)
             self._sleep(step)
             remaining -= step

@@ -62,6 +62,26 @@ def claim_delivering_runs(conn: Connection, host: str, pid: int) -> None:
     )
 
 
+def close_open_runs(engine: Engine, status: str, reason: str) -> None:
+    """Close this process's runs still delivering (stopped, or Gleap refused the token).
+
+    Their pending changes stay in the outbox for the next deliverer.
+    """
+    r = models.sync_runs.c
+    with engine.begin() as conn:
+        ids = (
+            conn.execute(
+                select(r.id).where(
+                    r.status == "delivering", r.host == socket.gethostname(), r.pid == os.getpid()
+                )
+            )
+            .scalars()
+            .all()
+        )
+        for run_id in ids:
+            set_run(conn, run_id, status=status, error=reason)
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process with ``pid`` exists on this host."""
     try:

@@ -141,5 +141,18 @@ leases = Table(
     Column("acquired_at", DateTime),
 )
 
+
+daemons = Table(
+    "daemons",
+    metadata,
+    Column("holder", String(255), primary_key=True),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("started_at", DateTime, nullable=False),
+    Column("beat_at", DateTime, nullable=False),
+    Column("next_run_at", DateTime),
+    Column("state", String(20), nullable=False),  # running | stopping | stopped
+)
+
 TERMINAL_STATUSES = ("succeeded", "partial", "failed", "held", "interrupted")
 OPEN_STATUSES = ("planning", "delivering")

@@ -8,7 +8,7 @@ are pure functions at the top, tested with tables of cases.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -101,6 +101,7 @@ def plan_definition(
     chunk_size: int = 5000,
     max_exit_ratio: float = 0.5,
     max_attempts: int = 5,
+    stop: Callable[[], bool] | None = None,
 ) -> PlanResult:
     """Snapshot ``definition``'s query and queue its changes, inside ``conn``'s transaction.
 
@@ -115,7 +116,7 @@ def plan_definition(
     mode = choose_mode(ledger_rows, full)
     result = PlanResult(key=key, mode=mode)
 
-    load_snapshot(conn, source, definition, chunk_size, result.stats)
+    load_snapshot(conn, source, definition, chunk_size, result.stats, stop)
     result.members = conn.execute(
         select(func.count())
         .select_from(models.snapshot)
@@ -198,11 +199,16 @@ def plan_definition(
 
 
 def load_snapshot(
-    conn: Connection, source: Engine, definition: Definition, chunk_size: int, stats: StreamStats
+    conn: Connection,
+    source: Engine,
+    definition: Definition,
+    chunk_size: int,
+    stats: StreamStats,
+    stop: Callable[[], bool] | None = None,
 ) -> None:
     """Replace the audience's snapshot with the query's current result."""
     conn.execute(delete(models.snapshot).where(models.snapshot.c.audience_key == definition.key))
-    chunks = stream_snapshot(source, definition, chunk_size, stats)
+    chunks = stream_snapshot(source, definition, chunk_size, stats, stop)
     if conn.dialect.name == "postgresql":
         savepoint = conn.begin_nested()
         try:
@@ -216,7 +222,7 @@ def load_snapshot(
             # collations, mixed types): fall back to insert-or-ignore.
             savepoint.rollback()
         stats.rows = stats.skipped_ids = stats.duplicate_ids = 0
-        chunks = stream_snapshot(source, definition, chunk_size, stats)
+        chunks = stream_snapshot(source, definition, chunk_size, stats, stop)
     _insert_snapshot(conn, definition.key, chunks, stats)
 
 

@@ -1,13 +1,387 @@
-"""``audsync run``: the daemon. Placeholder wiring until the scheduling issue lands."""
+"""``audsync run``: the daemon.
+
+At start it upgrades the state DB, closes runs a dead process left open, and
+plans every configured audience and trait at once; then it plans again every
+``interval`` plus a random 0..``jitter`` (APScheduler's BlockingScheduler with a
+trigger built on :func:`next_fire_time`). Delivery runs beside planning in its
+own thread under the delivery lease, so a long backfill never delays a plan,
+and routine changes overtake the backfill (the outbox is drained by priority).
+
+A second daemon on the same state DB stands by: it plans on its schedule (under
+per-audience leases) and takes over delivery when the first one's lease expires.
+
+Signals: the first SIGTERM/SIGINT finishes the calls in flight, records every
+run's state, releases the leases and exits 0; a second one exits at once.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
+import logging
+import os
+import random
+import signal
+import socket
+import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+from apscheduler.schedulers.blocking import BlockingScheduler
+from apscheduler.triggers.base import BaseTrigger
+from sqlalchemy import Engine, delete, insert, select, update
+from sqlalchemy.exc import SQLAlchemyError
+
+from audsync import locks, models
+from audsync.clock import utcnow
 from audsync.config import Config
-from audsync.errors import EXIT_FAILED, EXIT_OK
-from audsync.sync import run_sync
+from audsync.deliver import LeaseLost, deliver, finalize_runs
+from audsync.errors import EXIT_OK, AudsyncError, GleapAuthError, Interrupted
+from audsync.gleap import GleapClient
+from audsync.history import (
+    claim_delivering_runs,
+    close_open_runs,
+    mark_interrupted,
+    set_run,
+    start_run,
+)
+from audsync.source import open_source
+from audsync.state import open_state
+from audsync.sync import SyncOutcome, deliver_or_hand_over, make_client, plan_all
+
+log = logging.getLogger("audsync.service")
+
+IDLE_POLL = 1.0
+"""Seconds between looks at an empty outbox: a manual sync's changes go out within a second."""
+
+TROUBLE_PAUSE = 30.0
+"""Seconds the deliverer waits after Gleap or the state DB failed, before trying again."""
+
+
+def next_fire_time(
+    previous: dt.datetime | None,
+    now: dt.datetime,
+    interval: float,
+    jitter: float,
+    rand: float,
+) -> dt.datetime:
+    """When the next scheduled plan runs.
+
+    ``previous`` is the last scheduled time (None before the first); ``rand`` is
+    in [0, 1). The start-up plan runs outside the schedule, so the first tick
+    is one interval (plus jitter) away. A time that has already passed —
+    the machine was suspended, or a plan ran long — becomes ``now``: one
+    catch-up run, never a burst.
+    """
+    base = now if previous is None else previous
+    candidate = base + dt.timedelta(seconds=interval + rand * jitter)
+    return max(candidate, now)
+
+
+class JitteredInterval(BaseTrigger):  # type: ignore[misc]
+    """APScheduler trigger: every ``interval`` seconds plus a random 0..``jitter``."""
+
+    def __init__(
+        self, interval: float, jitter: float, rand: Callable[[], float] = random.random
+    ) -> None:
+        self.interval = interval
+        self.jitter = jitter
+        self.rand = rand
+
+    def get_next_fire_time(
+        self, previous_fire_time: dt.datetime | None, now: dt.datetime
+    ) -> dt.datetime:
+        return next_fire_time(previous_fire_time, now, self.interval, self.jitter, self.rand())
+
+    def __str__(self) -> str:
+        return f"every {self.interval:g}s + 0..{self.jitter:g}s"
+
+
+class Daemon:
+    """The long-running service behind ``audsync run``."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        client: GleapClient | None = None,
+        state: Engine | None = None,
+        install_signals: bool = True,
+    ) -> None:
+        self.config = config
+        self.client = client or make_client(config)
+        self.state = state or open_state(config.state_url)
+        self.install_signals = install_signals
+        self.stopping = threading.Event()
+        self.holder = locks.holder_identity()
+        self.scheduler = BlockingScheduler(timezone=dt.UTC)
+        self._planning = threading.Lock()
+        self._signals = 0
+        self._deliverer = threading.Thread(
+            target=self._deliver_loop, name="audsync-deliverer", daemon=True
+        )
+
+    # -- life cycle ---------------------------------------------------------------
+
+    def run(self) -> int:
+        """Start up, serve until a signal, shut down cleanly. Returns the exit code."""
+        if self.install_signals:
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
+        closed = mark_interrupted(self.state)
+        if closed:
+            log.info("closed %d runs left open by a dead process", closed)
+        retire_removed(self.state, self.config)
+        self._beat("running", None)
+        self._deliverer.start()
+        log.info(
+            "audsync daemon started (%s); %d audiences and traits, plans %s",
+            self.holder,
+            len(self.config.definitions),
+            JitteredInterval(self.config.schedule.interval, self.config.schedule.jitter),
+        )
+        try:
+            self.plan("startup")
+            if not self.stopping.is_set():
+                self.scheduler.add_job(
+                    self.plan,
+                    trigger=JitteredInterval(
+                        self.config.schedule.interval, self.config.schedule.jitter
+                    ),
+                    args=["schedule"],
+                    id="plan",
+                    max_instances=1,  # a long plan is never overlapped by the next
+                    coalesce=True,  # missed ticks collapse into one run
+                    misfire_grace_time=None,
+                )
+                self.scheduler.add_job(
+                    self._beat_job, "interval", seconds=15, id="health", coalesce=True
+                )
+                self.scheduler.start()
+        finally:
+            self._shutdown()
+        return EXIT_OK
+
+    def stop(self) -> None:
+        """Ask for a warm shutdown (what the first SIGTERM does)."""
+        if self.stopping.is_set():
+            return
+        self.stopping.set()
+        self._beat("stopping", None)
+        # shutdown() from another thread: the signal may arrive while the
+        # scheduler's own lock is held by the main thread.
+        threading.Thread(target=self._stop_scheduler, daemon=True).start()
+
+    def _stop_scheduler(self) -> None:
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            log.warning("second signal: exiting now; unacknowledged changes stay queued")
+            os._exit(1)
+        log.info("%s received: finishing the calls in flight", signal.Signals(signum).name)
+        self.stop()
+
+    def _shutdown(self) -> None:
+        self.stopping.set()
+        with self._planning:  # a plan in progress sees `stopping` and rolls back
+            pass
+        if self._deliverer.is_alive():
+            self._deliverer.join()
+        with self.state.begin() as conn:
+            finalize_runs(conn)
+        close_open_runs(self.state, "interrupted", "daemon stopped; pending changes stay queued")
+        self._beat("stopped", None)
+        self.client.close()
+        log.info("audsync daemon stopped")
+
+    # -- planning -------------------------------------------------------------------
+
+    def plan(self, trigger: str) -> SyncOutcome:
+        """Plan every configured audience and trait; never waits for delivery."""
+        outcome = SyncOutcome()
+        with self._planning:
+            if self.stopping.is_set():
+                return outcome
+            try:
+                source = open_source(self.config.require_source())
+            except AudsyncError as exc:
+                log.error("%s", exc)
+                for definition in self.config.definitions:
+                    run_id = start_run(self.state, definition.key, trigger, "incremental")
+                    set_run(self.state, run_id, status="failed", error=str(exc))
+                return outcome
+            try:
+                plan_all(
+                    self.config,
+                    self.config.definitions,
+                    self.state,
+                    source,
+                    outcome,
+                    skip_held=True,
+                    trigger=trigger,
+                    echo=log.info,
+                    stop=self.stopping.is_set,
+                )
+            except Interrupted:
+                log.info("planning stopped by shutdown")
+            except (AudsyncError, SQLAlchemyError) as exc:
+                log.error("planning failed: %s", exc)
+            finally:
+                source.dispose()
+        for message in outcome.errors:
+            log.error("%s", message)
+        for result in outcome.plans:
+            log.info(
+                "planned %s (%s): %d members, %d entered, %d exited, %d changed, %d queued%s",
+                result.key,
+                result.mode,
+                result.members,
+                result.entered,
+                result.exited,
+                result.changed,
+                result.queued,
+                f"; HELD: {result.held}" if result.held else "",
+            )
+        self._beat_job()
+        return outcome
+
+    # -- delivery -------------------------------------------------------------------
+
+    def _deliver_loop(self) -> None:
+        ttl = self.config.sync.lease_ttl
+        while not self.stopping.is_set():
+            try:
+                lease = locks.acquire(self.state, locks.DELIVER_LEASE, self.holder, ttl)
+            except SQLAlchemyError as exc:
+                log.warning("state DB busy while taking the delivery lease: %s", exc)
+                lease = None
+            if lease is None:
+                self.stopping.wait(max(ttl / 3, 0.2))  # standby: another process delivers
+                continue
+            log.info("holding the delivery lease (token %d)", lease.token)
+            try:
+                with locks.Heartbeat(self.state, lease) as beat:
+                    self._deliver_while_held(lease, beat)
+            finally:
+                with contextlib.suppress(SQLAlchemyError):  # else it expires by itself
+                    locks.release(self.state, lease)
+
+    def _deliver_while_held(self, lease: locks.Lease, beat: locks.Heartbeat) -> None:
+        def halted() -> bool:
+            return self.stopping.is_set() or beat.lost.is_set()
+
+        while not halted():
+            try:
+                with self.state.begin() as conn:
+                    claim_delivering_runs(conn, socket.gethostname(), os.getpid())
+                report = deliver(
+                    self.state,
+                    self.client,
+                    lease=lease,
+                    stop=halted,
+                    concurrency=self.config.gleap.concurrency,
+                    max_attempts=self.config.sync.max_attempts,
+                )
+            except SQLAlchemyError as exc:
+                log.warning("state DB error while delivering, retrying: %s", exc)
+                self.stopping.wait(IDLE_POLL)
+                continue
+            if report.delivered or report.failed:
+                log.info(
+                    "delivered %d changes in %d calls, %d failed",
+                    report.delivered,
+                    report.calls,
+                    report.failed,
+                )
+            if report.error is not None:
+                if beat.lost.is_set() or isinstance(report.error, LeaseLost):
+                    log.warning("lost the delivery lease; standing by")
+                    return
+                log.error("delivery stopped: %s", report.error)
+                if isinstance(report.error, GleapAuthError):
+                    close_open_runs(self.state, "failed", str(report.error))
+                self.stopping.wait(TROUBLE_PAUSE)
+            elif report.users == 0:
+                self.stopping.wait(IDLE_POLL)
+        if beat.lost.is_set():
+            log.warning("lost the delivery lease; standing by")
+
+    # -- health -----------------------------------------------------------------------
+
+    def _beat_job(self) -> None:
+        job = self.scheduler.get_job("plan") if self.scheduler.running else None
+        next_run = getattr(job, "next_run_time", None)
+        if next_run is not None:
+            next_run = next_run.astimezone(dt.UTC).replace(tzinfo=None)
+        self._beat("running" if not self.stopping.is_set() else "stopping", next_run)
+
+    def _beat(self, state: str, next_run_at: dt.datetime | None) -> None:
+        now = utcnow()
+        values: dict[str, Any] = {"beat_at": now, "state": state, "next_run_at": next_run_at}
+        try:
+            with self.state.begin() as conn:
+                done = conn.execute(
+                    update(models.daemons)
+                    .where(models.daemons.c.holder == self.holder)
+                    .values(**values)
+                )
+                if done.rowcount == 0:
+                    conn.execute(
+                        insert(models.daemons).values(
+                            holder=self.holder,
+                            host=socket.gethostname(),
+                            pid=os.getpid(),
+                            started_at=now,
+                            **values,
+                        )
+                    )
+                # Records of daemons gone for a day are noise in `status`.
+                conn.execute(
+                    delete(models.daemons).where(
+                        models.daemons.c.beat_at < now - dt.timedelta(days=1)
+                    )
+                )
+        except SQLAlchemyError as exc:
+            log.debug("health record not written: %s", exc)
+
+
+def retire_removed(state: Engine, config: Config) -> None:
+    """Audiences no longer in the config stop syncing: their pending changes are dropped
+    (credited as superseded to their runs) and the audience is marked inactive. Their
+    ledger is kept, so adding the audience back resumes incrementally."""
+    keys = [d.key for d in config.definitions]
+    a, o, r = models.audiences.c, models.outbox.c, models.sync_runs.c
+    with state.begin() as conn:
+        gone = conn.execute(select(a.key).where(a.active.is_(True), a.key.not_in(keys))).scalars()
+        for key in list(gone):
+            pending = conn.execute(select(o.run_id, o.state).where(o.audience_key == key)).all()
+            for run_id, row_state in pending:
+                if row_state == "pending":
+                    conn.execute(
+                        update(models.sync_runs)
+                        .where(r.id == run_id)
+                        .values(superseded=r.superseded + 1)
+                    )
+            conn.execute(delete(models.outbox).where(o.audience_key == key))
+            conn.execute(update(models.audiences).where(a.key == key).values(active=False))
+            log.info("%s is no longer configured: stopped syncing it (its ledger is kept)", key)
+        finalize_runs(conn)
 
 
 def run_daemon(config: Config, *, once: bool = False) -> int:
-    """Sync everything now; the scheduled loop is built on top of this."""
-    outcome = run_sync(config, trigger="startup")
-    return EXIT_FAILED if outcome.failed else EXIT_OK
+    """Entry point of ``audsync run``; ``once`` does the start-up sync and exits."""
+    config.require_token()
+    config.require_source()
+    daemon = Daemon(config)
+    daemon.client.check_token()
+    if once:
+        daemon.stopping.clear()
+        outcome = daemon.plan("startup")
+        deliver_or_hand_over(config, daemon.state, daemon.client, outcome, echo=log.info)
+        daemon.client.close()
+        return 1 if outcome.failed or (outcome.delivery and outcome.delivery.error) else 0
+    return daemon.run()

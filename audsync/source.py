@@ -8,7 +8,7 @@ source engine so duplicates arrive side by side and collapse in O(1) memory.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +16,7 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from audsync.config import Definition
-from audsync.errors import AudsyncError, SourceError
+from audsync.errors import AudsyncError, Interrupted, SourceError
 from audsync.values import (
     JSON_TRUE,
     UnstorableValue,
@@ -153,7 +153,11 @@ def _as_number(value: Any) -> Any:
 
 
 def stream_snapshot(
-    engine: Engine, definition: Definition, chunk_size: int, stats: StreamStats
+    engine: Engine,
+    definition: Definition,
+    chunk_size: int,
+    stats: StreamStats,
+    stop: Callable[[], bool] | None = None,
 ) -> Iterator[list[SnapshotRow]]:
     """Yield the query's rows as snapshot rows, in chunks, sorted by user id.
 
@@ -184,6 +188,8 @@ def stream_snapshot(
                 text(ordered)
             )
             for partition in result.partitions(chunk_size):
+                if stop is not None and stop():
+                    raise Interrupted(f"planning {key} stopped by a shutdown request")
                 out: list[SnapshotRow] = []
                 for raw in partition:
                     stats.rows += 1

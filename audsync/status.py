@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 from sqlalchemy import Engine, func, select
 
 from audsync import models
+from audsync.clock import utcnow
 from audsync.config import Config
 from audsync.locks import DELIVER_LEASE, current_holder
+
+DAEMON_STALE_AFTER = 120.0
+"""A daemon that has not beaten for two minutes (it beats every 15 s) is gone."""
 
 
 def eta_seconds(calls: int, rate_limit: int, rate_window: float) -> float:
@@ -71,7 +76,24 @@ def collect_status(engine: Engine, config: Config) -> dict[str, Any]:
             }
         )
     holder = current_holder(engine, DELIVER_LEASE)
+    fresh = utcnow() - dt.timedelta(seconds=DAEMON_STALE_AFTER)
+    with engine.connect() as conn:
+        daemons = [
+            dict(row._mapping)
+            for row in conn.execute(
+                select(models.daemons)
+                .where(models.daemons.c.beat_at >= fresh, models.daemons.c.state != "stopped")
+                .order_by(models.daemons.c.started_at)
+            )
+        ]
+    next_runs = [d["next_run_at"] for d in daemons if d["next_run_at"] is not None]
+    for audience in audiences:
+        audience["eta_seconds"] = eta_seconds(
+            int(audience["pending"] or 0), config.gleap.rate_limit, config.gleap.rate_window
+        )
     return {
+        "daemons": daemons,
+        "next_run_at": min(next_runs) if next_runs else None,
         "audiences": audiences,
         "pending_users": int(users),
         "eta_seconds": eta_seconds(int(users), config.gleap.rate_limit, config.gleap.rate_window),

@@ -20,11 +20,12 @@ from sqlalchemy.engine import make_url
 
 from audsync import locks, models
 from audsync.config import Config, Definition
-from audsync.deliver import DeliveryReport, deliver
+from audsync.deliver import DeliveryReport, deliver, finalize_runs
 from audsync.errors import AudsyncError, GleapAuthError, LeaseHeld, SourceError
 from audsync.gleap import GleapClient
 from audsync.history import (
     claim_delivering_runs,
+    close_open_runs,
     mark_interrupted,
     runs,
     set_run,
@@ -103,8 +104,20 @@ def run_sync(
         state = state or open_state(config.state_url)
         mark_interrupted(state)
         outcome = SyncOutcome()
-        _plan_all(config, definitions, state, source, outcome, full, force, wait, trigger, echo)
-        _deliver_or_hand_over(config, state, client, outcome, wait, stop, echo)
+        plan_all(
+            config,
+            definitions,
+            state,
+            source,
+            outcome,
+            full=full,
+            force=force,
+            wait=wait,
+            trigger=trigger,
+            echo=echo,
+            stop=stop,
+        )
+        deliver_or_hand_over(config, state, client, outcome, wait=wait, stop=stop, echo=echo)
         source.dispose()
         return outcome
     finally:
@@ -112,23 +125,43 @@ def run_sync(
             client.close()
 
 
-def _plan_all(
+def plan_all(
     config: Config,
     definitions: tuple[Definition, ...],
     state: Engine,
     source: Engine,
     outcome: SyncOutcome,
-    full: bool,
-    force: bool,
-    wait: bool,
-    trigger: str,
-    echo: Printer,
+    *,
+    full: bool = False,
+    force: bool = False,
+    wait: bool = False,
+    skip_held: bool = False,
+    trigger: str = "manual",
+    echo: Printer = lambda line: None,
+    stop: Callable[[], bool] | None = None,
 ) -> None:
+    """Plan each definition under its lease, one transaction each, recording a run per key.
+
+    With ``skip_held`` an audience another process is planning is skipped (the
+    daemon's tick); otherwise LeaseHeld is raised unless ``wait``.
+    """
     holder = locks.holder_identity()
-    leases = _acquire_plan_leases(state, definitions, holder, config.sync.lease_ttl, wait)
+    leases = _acquire_plan_leases(
+        state,
+        definitions,
+        holder,
+        config.sync.lease_ttl,
+        wait=wait,
+        skip_held=skip_held,
+        echo=echo,
+    )
     try:
         with locks.Heartbeat(state, *leases.values()):
             for definition in definitions:
+                if definition.key not in leases:
+                    continue
+                if stop is not None and stop():
+                    break
                 echo(f"planning {definition.key} ...")
                 _plan_one(
                     config,
@@ -140,6 +173,7 @@ def _plan_all(
                     full=full,
                     force=force,
                     trigger=trigger,
+                    stop=stop,
                 )
     finally:
         for lease in leases.values():
@@ -147,21 +181,33 @@ def _plan_all(
 
 
 def _acquire_plan_leases(
-    state: Engine, definitions: tuple[Definition, ...], holder: str, ttl: float, wait: bool
+    state: Engine,
+    definitions: tuple[Definition, ...],
+    holder: str,
+    ttl: float,
+    *,
+    wait: bool,
+    skip_held: bool,
+    echo: Printer,
 ) -> dict[str, locks.Lease]:
     leases: dict[str, locks.Lease] = {}
     try:
         for definition in definitions:
             name = locks.plan_lease_name(definition.key)
             while (lease := locks.acquire(state, name, holder, ttl)) is None:
+                other = locks.current_holder(state, name) or {}
+                who = f"{other.get('host')} pid {other.get('pid')}"
+                if skip_held:
+                    echo(f"skipping {definition.key}: {who} is planning it")
+                    break
                 if not wait:
-                    other = locks.current_holder(state, name) or {}
                     raise LeaseHeld(
-                        f"{definition.key!r} is being planned by {other.get('host')}"
-                        f" pid {other.get('pid')}; use --wait to queue behind it"
+                        f"{definition.key!r} is being planned by {who};"
+                        " use --wait to queue behind it"
                     )
                 time.sleep(0.5)
-            leases[definition.key] = lease
+            if lease is not None:
+                leases[definition.key] = lease
     except BaseException:
         for lease in leases.values():
             locks.release(state, lease)
@@ -180,6 +226,7 @@ def _plan_one(
     full: bool,
     force: bool,
     trigger: str,
+    stop: Callable[[], bool] | None = None,
 ) -> None:
     with state.connect() as conn:
         ledger_rows = conn.execute(
@@ -202,15 +249,17 @@ def _plan_one(
                 chunk_size=config.sync.chunk_size,
                 max_exit_ratio=config.sync.max_exit_ratio,
                 max_attempts=config.sync.max_attempts,
+                stop=stop,
             )
         except SourceError as exc:
             tx.rollback()
             set_run(state, run_id, status="failed", error=str(exc))
             outcome.errors.append(str(exc))
             return
-        except BaseException:
+        except BaseException as exc:
             tx.rollback()
-            set_run(state, run_id, status="interrupted", error="planning did not finish")
+            reason = str(exc) if isinstance(exc, AudsyncError) else type(exc).__name__
+            set_run(state, run_id, status="interrupted", error=f"planning did not finish: {reason}")
             raise
         counts = {
             "mode": result.mode,
@@ -232,19 +281,23 @@ def _plan_one(
         else:
             status = "delivering" if result.queued else "succeeded"
             set_run(conn, run_id, status=status, queued=result.queued, **counts)
+            finalize_runs(conn)  # older runs this plan superseded may be complete now
             tx.commit()
     outcome.plans.append(result)
 
 
-def _deliver_or_hand_over(
+def deliver_or_hand_over(
     config: Config,
     state: Engine,
     client: GleapClient,
     outcome: SyncOutcome,
-    wait: bool,
-    stop: Callable[[], bool],
-    echo: Printer,
+    *,
+    wait: bool = False,
+    stop: Callable[[], bool] = lambda: False,
+    echo: Printer = lambda line: None,
 ) -> None:
+    """Deliver everything pending under the delivery lease, or — when a daemon holds
+    it — leave the changes to it (following them to the end with ``wait``)."""
     holder = locks.holder_identity()
     lease = locks.acquire(state, locks.DELIVER_LEASE, holder, config.sync.lease_ttl)
     if lease is None:
@@ -276,22 +329,9 @@ def _deliver_or_hand_over(
             reason = report.stopped or "stopped"
             if isinstance(report.error, GleapAuthError):
                 reason = str(report.error)
-            _close_open_runs(state, status, reason)
+            close_open_runs(state, status, f"{reason}; pending changes stay queued")
     finally:
         locks.release(state, lease)
-
-
-def _close_open_runs(state: Engine, status: str, reason: str) -> None:
-    with state.begin() as conn:
-        ids = (
-            conn.execute(
-                select(models.sync_runs.c.id).where(models.sync_runs.c.status == "delivering")
-            )
-            .scalars()
-            .all()
-        )
-        for run_id in ids:
-            set_run(conn, run_id, status=status, error=f"{reason}; pending changes stay queued")
 
 
 def _follow(state: Engine, run_ids: list[int], stop: Callable[[], bool], echo: Printer) -> None:
