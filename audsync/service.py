@@ -28,6 +28,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
+from apscheduler.schedulers.base import BaseScheduler
 from apscheduler.schedulers.blocking import BlockingScheduler
 from apscheduler.triggers.base import BaseTrigger
 from sqlalchemy import Engine, delete, insert, select, update
@@ -108,6 +109,7 @@ class Daemon:
         client: GleapClient | None = None,
         state: Engine | None = None,
         install_signals: bool = True,
+        scheduler: BaseScheduler | None = None,
     ) -> None:
         self.config = config
         self.client = client or make_client(config)
@@ -115,8 +117,9 @@ class Daemon:
         self.install_signals = install_signals
         self.stopping = threading.Event()
         self.holder = locks.holder_identity()
-        self.scheduler = BlockingScheduler(timezone=dt.UTC)
+        self.scheduler = scheduler or BlockingScheduler(timezone=dt.UTC)
         self._planning = threading.Lock()
+        self._scheduler_done = threading.Event()
         self._signals = 0
         self._deliverer = threading.Thread(
             target=self._deliver_loop, name="audsync-deliverer", daemon=True
@@ -144,24 +147,25 @@ class Daemon:
         try:
             self.plan("startup")
             if not self.stopping.is_set():
-                self.scheduler.add_job(
-                    self.plan,
-                    trigger=JitteredInterval(
-                        self.config.schedule.interval, self.config.schedule.jitter
-                    ),
-                    args=["schedule"],
-                    id="plan",
-                    max_instances=1,  # a long plan is never overlapped by the next
-                    coalesce=True,  # missed ticks collapse into one run
-                    misfire_grace_time=None,
-                )
-                self.scheduler.add_job(
-                    self._beat_job, "interval", seconds=15, id="health", coalesce=True
-                )
+                self.schedule()
                 self.scheduler.start()
         finally:
+            self._scheduler_done.set()
             self._shutdown()
         return EXIT_OK
+
+    def schedule(self) -> None:
+        """Add the planning and health jobs to the scheduler."""
+        self.scheduler.add_job(
+            self.plan,
+            trigger=JitteredInterval(self.config.schedule.interval, self.config.schedule.jitter),
+            args=["schedule"],
+            id="plan",
+            max_instances=1,  # a long plan is never overlapped by the next
+            coalesce=True,  # missed ticks collapse into one run
+            misfire_grace_time=None,
+        )
+        self.scheduler.add_job(self._beat_job, "interval", seconds=15, id="health", coalesce=True)
 
     def stop(self) -> None:
         """Ask for a warm shutdown (what the first SIGTERM does)."""
@@ -174,8 +178,12 @@ class Daemon:
         threading.Thread(target=self._stop_scheduler, daemon=True).start()
 
     def _stop_scheduler(self) -> None:
-        if self.scheduler.running:
-            self.scheduler.shutdown(wait=False)
+        # The signal can land between the start-up plan and scheduler.start():
+        # keep looking until the scheduler runs (then stop it) or the main thread is done.
+        while not self._scheduler_done.wait(0.05):
+            if self.scheduler.running:
+                self.scheduler.shutdown(wait=False)
+                return
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         self._signals += 1

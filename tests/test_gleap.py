@@ -149,9 +149,10 @@ def test_server_errors_then_success(gleap: Sandbox) -> None:
 def test_429_is_waited_out_not_failed() -> None:
     # The client believes in 50 calls/s; the server allows 5 per second: 429s
     # must slow it down (Retry-After) without failing a single call.
-    with Sandbox(TOKEN, rate_limit=5, rate_window=1.0) as server, GleapClient(
-        server.url, TOKEN, rate_limit=50, rate_window=1.0, max_retries=0
-    ) as client:
+    with (
+        Sandbox(TOKEN, rate_limit=5, rate_window=1.0) as server,
+        GleapClient(server.url, TOKEN, rate_limit=50, rate_window=1.0, max_retries=0) as client,
+    ):
         for i in range(12):
             assert client.identify({"userId": f"u{i}"}).ok
     assert server.stats.throttled >= 1

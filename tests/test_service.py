@@ -1,0 +1,367 @@
+"""The daemon: the next-run decision (a table), the scheduler wiring (paused), and real processes."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from apscheduler.schedulers.background import BackgroundScheduler
+from freezegun import freeze_time
+
+from audsync.config import load_config
+from audsync.sandbox import Sandbox
+from audsync.service import Daemon, JitteredInterval, next_fire_time
+from conftest import PG_URL, TOKEN, Warehouse, write_config
+from helpers import assert_counts_add_up, query
+
+T0 = dt.datetime(2026, 11, 29, 10, 0, tzinfo=dt.UTC)
+H = 3600.0
+
+
+def at(hours: float) -> dt.datetime:
+    return T0 + dt.timedelta(hours=hours)
+
+
+@pytest.mark.parametrize(
+    ("previous", "now", "interval", "jitter", "rand", "expected"),
+    [
+        # first tick: one interval (+ jitter) after start-up
+        (None, at(0), 2 * H, 1 * H, 0.0, at(2)),
+        (None, at(0), 2 * H, 1 * H, 0.5, at(2.5)),
+        (None, at(0), 2 * H, 1 * H, 0.999, at(2.999)),
+        # regular ticks: from the previous scheduled time, so runs do not drift
+        (at(2), at(2.01), 2 * H, 1 * H, 0.25, at(4.25)),
+        (at(2), at(2), 2 * H, 0.0, 0.7, at(4)),
+        # a long run: the next tick is computed after it ended, still on schedule
+        (at(2), at(3.9), 2 * H, 0.0, 0.0, at(4)),
+        # the machine slept through several ticks: exactly one catch-up, now
+        (at(2), at(9), 2 * H, 1 * H, 0.5, at(9)),
+        (at(2), at(4.5), 2 * H, 0.0, 0.0, at(4.5)),
+        # seconds-scale schedules used in tests
+        (None, at(0), 4.0, 1.0, 1.0, T0 + dt.timedelta(seconds=5)),
+    ],
+)
+def test_next_fire_time(
+    previous: dt.datetime | None,
+    now: dt.datetime,
+    interval: float,
+    jitter: float,
+    rand: float,
+    expected: dt.datetime,
+) -> None:
+    assert next_fire_time(previous, now, interval, jitter, rand) == expected
+
+
+def test_next_fire_time_always_moves_forward() -> None:
+    now = at(5)
+    first = next_fire_time(at(1), now, 2 * H, 0.0, 0.0)
+    assert first == now
+    assert next_fire_time(first, now, 2 * H, 0.0, 0.0) > now  # no busy loop
+
+
+@pytest.fixture
+def daemon_config(tmp_path: Path, warehouse: Warehouse, gleap: Sandbox) -> Path:
+    return write_config(
+        tmp_path,
+        base_url=gleap.url,
+        source_url=warehouse.url,
+        state_url=f"sqlite:///{tmp_path / 'state.db'}",
+        extra='[schedule]\ninterval = "2h"\njitter = "1h"\n',
+    )
+
+
+def test_scheduler_wiring_paused(daemon_config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AUDSYNC_GLEAP_API_TOKEN", TOKEN)
+    config = load_config(str(daemon_config), env=dict(os.environ))
+    scheduler = BackgroundScheduler(timezone=dt.UTC)
+    daemon = Daemon(config, install_signals=False, scheduler=scheduler)
+    with freeze_time(T0):
+        daemon.schedule()
+        scheduler.start(paused=True)
+        try:
+            job = scheduler.get_job("plan")
+            assert job.max_instances == 1 and job.coalesce is True
+            assert job.misfire_grace_time is None
+            assert isinstance(job.trigger, JitteredInterval)
+            assert job.args == ("schedule",)
+            assert at(2) <= job.next_run_time <= at(3)
+            job.trigger.rand = lambda: 0.5
+            # after a suspend of a day, one run now, then back on the 2-3 h rhythm
+            assert job.trigger.get_next_fire_time(at(2), at(26)) == at(26)
+            assert job.trigger.get_next_fire_time(at(26), at(26)) == at(28.5)
+        finally:
+            scheduler.shutdown(wait=False)
+            daemon.client.close()
+
+
+# -- real processes --------------------------------------------------------------
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what or condition}")
+
+
+class Process:
+    """``python -m audsync.cli ...`` in its own process, output to a file."""
+
+    def __init__(self, tmp_path: Path, name: str, *argv: str) -> None:
+        self.log = tmp_path / f"{name}.log"
+        env = {**os.environ, "AUDSYNC_GLEAP_API_TOKEN": TOKEN}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "audsync.cli", *argv],
+            stdout=self.log.open("w"),
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 20.0) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def processes() -> Iterator[list[Process]]:
+    started: list[Process] = []
+    yield started
+    for process in started:
+        process.stop()
+
+
+def truth_reached(gleap: Sandbox, warehouse: Warehouse) -> bool:
+    contacts = gleap.contacts()
+    vip, buyers = warehouse.members("vip"), warehouse.members("buyer")
+    for user_id in vip | buyers:
+        if user_id not in contacts:
+            return False
+        if contacts[user_id].get("vip_customers") is not (user_id in vip):
+            if user_id in vip or contacts[user_id].get("vip_customers") is not None:
+                return False
+        if contacts[user_id].get("buyers") is not (user_id in buyers):
+            if user_id in buyers or contacts[user_id].get("buyers") is not None:
+                return False
+    for user_id, contact in contacts.items():
+        if contact.get("vip_customers") and user_id not in vip:
+            return False
+        if contact.get("buyers") and user_id not in buyers:
+            return False
+    for user_id, value in warehouse.revenue().items():
+        if contacts.get(user_id, {}).get("revenue") != value:
+            return False
+    return True
+
+
+AUDIENCES_ONLY = """
+[[audiences]]
+name = "VIP Customers"
+sql = "SELECT id AS user_id, email FROM people WHERE vip = 1"
+
+[[audiences]]
+name = "Buyers"
+sql = "SELECT id AS user_id FROM people WHERE buyer = 1"
+
+[[traits]]
+name = "Revenue"
+sql = "SELECT id AS user_id, revenue AS value FROM people WHERE revenue IS NOT NULL"
+"""
+
+
+def seed(warehouse: Warehouse, users: int) -> None:
+    with warehouse.connect() as db:
+        db.executemany(
+            "INSERT INTO people (id, email, vip, buyer, revenue) VALUES (?, ?, ?, ?, ?)",
+            [
+                (i, f"p{i}@x.io", int(i % 3 == 0), int(i % 2 == 0), float(i) if i % 5 else None)
+                for i in range(1, users + 1)
+            ],
+        )
+
+
+def open_runs(state_url: str) -> list[dict[str, Any]]:
+    return query(state_url, "SELECT * FROM sync_runs WHERE status IN ('planning', 'delivering')")
+
+
+@pytest.mark.slow
+def test_daemon_syncs_at_start_picks_up_changes_and_stops_on_sigterm(
+    tmp_path: Path, warehouse: Warehouse, gleap: Sandbox, processes: list[Process]
+) -> None:
+    seed(warehouse, 60)
+    state_url = f"sqlite:///{tmp_path / 'state.db'}"
+    path = write_config(
+        tmp_path,
+        base_url=gleap.url,
+        source_url=warehouse.url,
+        state_url=state_url,
+        body=AUDIENCES_ONLY,
+        extra='[schedule]\ninterval = "4s"\njitter = "1s"\n',
+    )
+    daemon = Process(tmp_path, "daemon", "-c", str(path), "run")
+    processes.append(daemon)
+    wait_for(lambda: truth_reached(gleap, warehouse), what="the start-up sync")
+    startup = query(state_url, "SELECT * FROM sync_runs")
+    assert {r["trigger"] for r in startup} == {"startup"} and len(startup) == 3
+
+    warehouse.execute("UPDATE people SET vip = 1 WHERE id = 1")
+    warehouse.execute("UPDATE people SET buyer = 0 WHERE id = 2")
+    gleap.reset_calls()
+    wait_for(lambda: truth_reached(gleap, warehouse), timeout=15, what="the scheduled tick")
+    assert sorted(c["user_id"] for c in gleap.calls("/admin/identify")) == ["1", "2"]
+    assert "schedule" in {r["trigger"] for r in query(state_url, "SELECT * FROM sync_runs")}
+
+    stopped = time.monotonic()
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(timeout=10) == 0
+    assert time.monotonic() - stopped < 5
+    assert open_runs(state_url) == []
+    assert query(state_url, "SELECT holder FROM leases WHERE holder IS NOT NULL") == []
+    assert_counts_add_up(state_url)
+
+
+@pytest.mark.slow
+def test_manual_full_resync_beside_the_daemon(
+    tmp_path: Path, warehouse: Warehouse, gleap: Sandbox, processes: list[Process]
+) -> None:
+    seed(warehouse, 40)
+    state_url = f"sqlite:///{tmp_path / 'state.db'}"
+    path = write_config(
+        tmp_path,
+        base_url=gleap.url,
+        source_url=warehouse.url,
+        state_url=state_url,
+        body=AUDIENCES_ONLY,
+        extra='[schedule]\ninterval = "1h"\njitter = "0s"\n',
+    )
+    daemon = Process(tmp_path, "daemon", "-c", str(path), "run")
+    processes.append(daemon)
+    wait_for(lambda: truth_reached(gleap, warehouse), what="the start-up sync")
+    warehouse.execute("UPDATE people SET vip = 0 WHERE id = 3")
+    gleap.reset_calls()
+    manual = Process(tmp_path, "manual", "-c", str(path), "sync", "--full", "--wait")
+    assert manual.wait(timeout=30) == 0, manual.output()
+    assert "is sending them" in manual.output()
+    assert truth_reached(gleap, warehouse)
+    sent = [c["user_id"] for c in gleap.calls("/admin/identify")]
+    assert len(sent) == len(set(sent))  # never double delivery
+    assert gleap.contact("3")["vip_customers"] is False  # type: ignore[index]
+    manual_runs = query(state_url, "SELECT * FROM sync_runs WHERE trigger = 'manual'")
+    assert {r["status"] for r in manual_runs} == {"succeeded"}
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(timeout=10) == 0
+    assert_counts_add_up(state_url)
+
+
+@pytest.mark.slow
+def test_sigterm_mid_delivery_then_restart_loses_nothing(
+    tmp_path: Path, warehouse: Warehouse, processes: list[Process]
+) -> None:
+    seed(warehouse, 300)
+    state_url = f"sqlite:///{tmp_path / 'state.db'}"
+    with Sandbox(TOKEN, latency=0.01) as gleap:
+        path = write_config(
+            tmp_path,
+            base_url=gleap.url,
+            source_url=warehouse.url,
+            state_url=state_url,
+            body=AUDIENCES_ONLY,
+            extra='[schedule]\ninterval = "1h"\njitter = "0s"\n',
+            gleap_extra="",
+        )
+        # 100 calls/s: the start-up sync of ~240 users takes a few seconds.
+        text = path.read_text().replace("rate_limit = 100000", "rate_limit = 6000")
+        path.write_text(text)
+        daemon = Process(tmp_path, "daemon", "-c", str(path), "run")
+        processes.append(daemon)
+        wait_for(lambda: len(gleap.contacts()) > 40, what="delivery to start")
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(timeout=10) == 0
+        assert open_runs(state_url) == []
+        interrupted = query(state_url, "SELECT * FROM sync_runs WHERE status = 'interrupted'")
+        assert interrupted, "the stop came mid-delivery"
+        pending = query(state_url, "SELECT COUNT(*) AS n FROM outbox WHERE state = 'pending'")
+        assert pending[0]["n"] > 0
+        assert not truth_reached(gleap, warehouse)
+        # Every acknowledged change is in the ledger; nothing acknowledged is pending.
+        ledger_pairs = {
+            (r["audience_key"], r["user_id"])
+            for r in query(state_url, "SELECT audience_key, user_id FROM ledger")
+        }
+        outbox_pairs = {
+            (r["audience_key"], r["user_id"])
+            for r in query(state_url, "SELECT audience_key, user_id FROM outbox")
+        }
+        assert not ledger_pairs & outbox_pairs
+
+        again = Process(tmp_path, "daemon2", "-c", str(path), "run")
+        processes.append(again)
+        wait_for(lambda: truth_reached(gleap, warehouse), timeout=30, what="the resumed sync")
+        again.signal(signal.SIGTERM)
+        assert again.wait(timeout=10) == 0
+        sent = [c["user_id"] for c in gleap.calls("/admin/identify") if c["status"] == 200]
+        # At most the calls in flight at the stop were repeated (concurrency 8).
+        assert len(sent) - len(set(sent)) <= 8
+        assert_counts_add_up(state_url)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not PG_URL, reason="AUDSYNC_TEST_POSTGRES_URL is not set")
+def test_two_daemons_on_postgres_one_delivers_and_the_other_takes_over(
+    tmp_path: Path, warehouse: Warehouse, processes: list[Process], pg_url: str
+) -> None:
+    seed(warehouse, 400)
+    with Sandbox(TOKEN, latency=0.005) as gleap:
+        path = write_config(
+            tmp_path,
+            base_url=gleap.url,
+            source_url=warehouse.url,
+            state_url=pg_url,
+            body=AUDIENCES_ONLY,
+            extra='[schedule]\ninterval = "1h"\njitter = "0s"\n[sync]\nlease_ttl = "3s"\n',
+        )
+        path.write_text(path.read_text().replace("rate_limit = 100000", "rate_limit = 6000"))
+        first = Process(tmp_path, "first", "-c", str(path), "run")
+        processes.append(first)
+        wait_for(lambda: "holding the delivery lease" in first.output(), what="first lease")
+        second = Process(tmp_path, "second", "-c", str(path), "run")
+        processes.append(second)
+        wait_for(lambda: "audsync daemon started" in second.output(), what="second start")
+        wait_for(lambda: len(gleap.contacts()) > 60, what="delivery under way")
+        assert "holding the delivery lease" not in second.output()  # exactly one delivers
+
+        first.proc.kill()  # SIGKILL: no goodbye, the lease must expire
+        killed = time.monotonic()
+        wait_for(
+            lambda: "holding the delivery lease" in second.output(), timeout=15, what="takeover"
+        )
+        assert time.monotonic() - killed < 3 + 2  # within the TTL (plus a poll)
+        wait_for(lambda: truth_reached(gleap, warehouse), timeout=30, what="convergence")
+        second.signal(signal.SIGTERM)
+        assert second.wait(timeout=10) == 0
+        sent = [c["user_id"] for c in gleap.calls("/admin/identify") if c["status"] == 200]
+        assert len(sent) - len(set(sent)) <= 8  # only calls in flight at the kill repeat
+        tokens = query(pg_url, "SELECT token FROM leases WHERE name = 'deliver'")
+        assert tokens[0]["token"] >= 2  # the fencing token moved on with the new holder
+        runs = assert_counts_add_up(pg_url)
+        assert not [r for r in runs if r["status"] in ("planning", "delivering")]
