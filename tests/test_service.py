@@ -14,13 +14,13 @@ from typing import Any
 
 import pytest
 from apscheduler.schedulers.background import BackgroundScheduler
+from conftest import PG_URL, TOKEN, Warehouse, write_config
 from freezegun import freeze_time
+from helpers import assert_counts_add_up, query
 
 from audsync.config import load_config
 from audsync.sandbox import Sandbox
 from audsync.service import Daemon, JitteredInterval, next_fire_time
-from conftest import PG_URL, TOKEN, Warehouse, write_config
-from helpers import assert_counts_add_up, query
 
 T0 = dt.datetime(2026, 11, 29, 10, 0, tzinfo=dt.UTC)
 H = 3600.0
