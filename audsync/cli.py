@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -29,6 +29,9 @@ from audsync.errors import (
     redact,
 )
 from audsync.report import duration, jsonable, table
+
+if TYPE_CHECKING:
+    from audsync.sync import SyncOutcome
 
 log = logging.getLogger("audsync")
 
@@ -101,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="wait for other processes' leases and follow delivery to the end",
     )
 
+    retry = sub.add_parser(
+        "retry-failed", help="queue again the changes Gleap rejected (after max_attempts)"
+    )
+    retry.add_argument("keys", nargs="*", metavar="KEY", help="audiences/traits (default: all)")
+    retry.add_argument("--wait", action="store_true", help="follow the daemon's delivery")
+
     history = sub.add_parser("history", help="past runs from the state DB")
     history.add_argument("--audience", metavar="KEY")
     history.add_argument("--limit", type=int, default=20, metavar="N")
@@ -158,6 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except SQLAlchemyError as exc:
         message = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        if "locked" in message.lower():
+            message += " (another process kept it busy past [state] busy_timeout; try again)"
         _error(redact(f"state DB error: {message}", token))
         return EXIT_FAILED
     except KeyboardInterrupt:
@@ -174,8 +185,6 @@ def _config(args: argparse.Namespace, *, require_file: bool = True) -> Config:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    from audsync.history import runs
-    from audsync.state import open_state
     from audsync.sync import run_sync
 
     config = _config(args)
@@ -217,7 +226,15 @@ def cmd_sync(args: argparse.Namespace) -> int:
             f"{duration(config.gleap.rate_window)}"
         )
         return EXIT_FAILED if outcome.errors else EXIT_OK
-    state = open_state(config.state_url, upgrade=False)
+    return _print_runs(config, outcome, wait=args.wait)
+
+
+def _print_runs(config: Config, outcome: SyncOutcome, *, wait: bool) -> int:
+    """The per-audience summary of a sync, and its exit code."""
+    from audsync.history import runs
+    from audsync.state import open_for_reading
+
+    state = open_for_reading(config)
     rows = []
     for run in sorted(
         runs(state, ids=outcome.run_ids, limit=len(outcome.run_ids) or 1), key=lambda r: r["id"]
@@ -228,7 +245,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     for run in rows:
         if run["status"] == "held":
             _error(f"{run['audience']} held: {run['error']}")
-    if outcome.handed_over_to and not args.wait:
+    if outcome.handed_over_to and not wait:
         print(f"changes are queued; the daemon ({outcome.handed_over_to}) is delivering them")
     report = outcome.delivery
     if report is not None:
@@ -241,15 +258,26 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return EXIT_FAILED if outcome.failed else EXIT_OK
 
 
+def cmd_retry_failed(args: argparse.Namespace) -> int:
+    from audsync.sync import retry_failed
+
+    config = _config(args)
+    outcome = retry_failed(config, args.keys, wait=args.wait, echo=print)
+    if not outcome.run_ids:
+        print("no rejected changes to retry")
+        return EXIT_OK
+    return _print_runs(config, outcome, wait=args.wait)
+
+
 def cmd_history(args: argparse.Namespace) -> int:
     from sqlalchemy import select
 
     from audsync import models
     from audsync.history import runs
-    from audsync.state import open_state
+    from audsync.state import open_for_reading
 
     config = _config(args, require_file=False)
-    state = open_state(config.state_url, upgrade=False)
+    state = open_for_reading(config)
     if args.failures:
         f = models.delivery_failures.c
         query = select(models.delivery_failures).order_by(f.id.desc()).limit(args.limit)
@@ -271,11 +299,11 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from audsync.state import open_state
+    from audsync.state import open_for_reading
     from audsync.status import collect_status
 
     config = _config(args, require_file=False)
-    state = open_state(config.state_url, upgrade=False)
+    state = open_for_reading(config)
     info = collect_status(state, config)
     for audience in info["audiences"]:
         audience["eta"] = duration(audience["eta_seconds"]) if audience["pending"] else "-"
@@ -355,10 +383,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_db(args: argparse.Namespace) -> int:
     from audsync import migrate
-    from audsync.state import open_state
+    from audsync.state import open_configured
 
     config = _config(args, require_file=False)
-    engine = open_state(config.state_url)
+    engine = open_configured(config)
     print(f"state DB at revision {migrate.current_revision(engine)} (newest)")
     return EXIT_OK
 
@@ -395,6 +423,7 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "sync": cmd_sync,
+    "retry-failed": cmd_retry_failed,
     "history": cmd_history,
     "status": cmd_status,
     "check": cmd_check,

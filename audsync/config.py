@@ -130,6 +130,7 @@ class Config:
     path: str
     source_url: str | None
     state_url: str
+    state_busy_timeout: float = defaults.DEFAULT_BUSY_TIMEOUT
     gleap: GleapConfig = field(default_factory=GleapConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
@@ -182,7 +183,7 @@ _SECTIONS: dict[str, dict[str, str]] = {
         "max_retries": "nonnegint",
     },
     "source": {"url": "str"},
-    "state": {"url": "str"},
+    "state": {"url": "str", "busy_timeout": "duration"},
     "schedule": {"interval": "duration", "jitter": "duration"},
     "sync": {
         "max_attempts": "posint",
@@ -261,6 +262,7 @@ def parse_config(raw: Mapping[str, Any], env: Mapping[str, str], path: str) -> C
         path=path,
         source_url=values["source"].get("url"),
         state_url=values["state"].get("url", defaults.DEFAULT_STATE_URL),
+        state_busy_timeout=values["state"].get("busy_timeout", defaults.DEFAULT_BUSY_TIMEOUT),
         gleap=gleap,
         schedule=ScheduleConfig(**values["schedule"]),
         sync=SyncConfig(**values["sync"]),

@@ -21,6 +21,9 @@ must not tip a window over the limit, and 0.5 % is well inside the 3 % target.""
 DEFAULT_STATE_URL = "sqlite:///audsync.db"
 """A local file needs no server; PostgreSQL is a URL away."""
 
+DEFAULT_BUSY_TIMEOUT = 30.0
+"""Seconds a SQLite writer waits for another process's write lock before giving up."""
+
 DEFAULT_INTERVAL = 2 * 3600.0
 """Engage syncs every two to three hours: 2 h ..."""
 

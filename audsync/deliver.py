@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +31,12 @@ from audsync.errors import (
 from audsync.gleap import GleapClient, PayloadError, identify_bodies
 from audsync.locks import Lease, still_held
 from audsync.values import JSON_FALSE, JSON_NULL
+
+UNAVAILABLE_STREAK = 20
+"""Consecutive users whose calls all failed before the drain stops: Gleap is down."""
+
+MAX_SKIPPED_USERS = 1000
+"""Users left queued in one drain before it stops: beyond this, retrying later is wiser."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,7 @@ class DeliveryReport:
     """What one drain of the outbox did."""
 
     calls: int = 0  # HTTP requests made, retries included
+    skipped: int = 0  # users left queued because their call failed every retry
     users: int = 0
     delivered: int = 0
     failed: int = 0
@@ -73,14 +80,13 @@ class LeaseLost(AudsyncError):
     """Another process took the delivery lease: stop writing at once."""
 
 
-def next_users(conn: Connection, limit: int) -> list[str]:
+def next_users(conn: Connection, limit: int, exclude: Collection[str] = ()) -> list[str]:
     """The next users to call: routine changes first, then the backfill, by user id."""
-    rows = conn.execute(
-        select(models.outbox.c.user_id)
-        .where(models.outbox.c.state == "pending")
-        .order_by(models.outbox.c.priority, models.outbox.c.user_id)
-        .limit(limit)
-    ).scalars()
+    o = models.outbox.c
+    query = select(o.user_id).where(o.state == "pending")
+    if exclude:
+        query = query.where(o.user_id.not_in(list(exclude)))
+    rows = conn.execute(query.order_by(o.priority, o.user_id).limit(limit)).scalars()
     return list(dict.fromkeys(rows))
 
 
@@ -133,6 +139,11 @@ def deliver(
     """
     report = DeliveryReport()
     halt = threading.Event()
+    # Users whose call outlasted every retry: left queued for the next drain,
+    # while the rest go on. Only a streak of such failures means Gleap is down.
+    skipped: set[str] = set()
+    streak = 0
+    last_unavailable: GleapUnavailable | None = None
 
     def halted() -> bool:
         return halt.is_set() or stop()
@@ -153,24 +164,33 @@ def deliver(
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="audsync-send") as pool:
         while not halted():
             with engine.connect() as conn:
-                users = next_users(conn, batch_size)
+                users = next_users(conn, batch_size, skipped)
                 if not users:
                     break
                 work = pending_changes(conn, users)
-            in_flight: set[Future[list[CallResult]]] = set()
+            in_flight: dict[Future[list[CallResult]], str] = {}
             queue = list(work.items())
             while queue or in_flight:
                 while queue and len(in_flight) < concurrency * 2 and not halted():
                     user_id, changes = queue.pop(0)
-                    in_flight.add(pool.submit(send_user, user_id, changes))
+                    in_flight[pool.submit(send_user, user_id, changes)] = user_id
                 if not in_flight:
                     break
-                done, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
+                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
                 for future in done:
+                    user_id = in_flight.pop(future)
                     try:
                         results = future.result()
                     except Interrupted:
                         continue  # stopped before its call went out: it stays queued
+                    except GleapUnavailable as exc:
+                        skipped.add(user_id)
+                        streak += 1
+                        last_unavailable = exc
+                        if streak >= UNAVAILABLE_STREAK or len(skipped) > MAX_SKIPPED_USERS:
+                            report.error = report.error or exc
+                            halt.set()
+                        continue
                     except GleapError as exc:
                         if report.error is None or isinstance(exc, GleapAuthError):
                             report.error = exc
@@ -181,12 +201,18 @@ def deliver(
                     except LeaseLost as exc:
                         report.error = exc
                         halt.set()
+                    streak = 0
                     report.users += 1
                     report.calls += sum(r.attempts for r in results)
                 if on_progress is not None:
                     on_progress(report)
             with engine.begin() as conn:
                 finalize_runs(conn)
+    if report.error is None and skipped and last_unavailable is not None:
+        report.error = GleapUnavailable(
+            f"{len(skipped)} users stay queued after every retry failed (last: {last_unavailable})"
+        )
+    report.skipped = len(skipped)
     if report.error is not None:
         report.stopped = str(report.error)
     elif stop():

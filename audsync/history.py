@@ -10,7 +10,7 @@ from sqlalchemy import Connection, Engine, insert, select, update
 
 from audsync import models
 from audsync.clock import utcnow
-from audsync.locks import DELIVER_LEASE, current_holder, plan_lease_name
+from audsync.locks import DELIVER_LEASE, current_holder, pid_alive, plan_lease_name
 
 
 def start_run(engine: Engine, key: str, trigger: str, mode: str) -> int:
@@ -80,17 +80,6 @@ def close_open_runs(engine: Engine, status: str, reason: str) -> None:
         )
         for run_id in ids:
             set_run(conn, run_id, status=status, error=reason)
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with ``pid`` exists on this host."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def mark_interrupted(engine: Engine) -> int:

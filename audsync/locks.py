@@ -54,7 +54,11 @@ def acquire(engine: Engine, name: str, holder: str, ttl: float = DEFAULT_LEASE_T
         with engine.begin() as conn:
             row = conn.execute(
                 select(
-                    models.leases.c.holder, models.leases.c.token, models.leases.c.expires_at
+                    models.leases.c.holder,
+                    models.leases.c.token,
+                    models.leases.c.expires_at,
+                    models.leases.c.host,
+                    models.leases.c.pid,
                 ).where(models.leases.c.name == name)
             ).first()
             values: dict[str, Any] = {
@@ -67,7 +71,7 @@ def acquire(engine: Engine, name: str, holder: str, ttl: float = DEFAULT_LEASE_T
             if row is None:
                 conn.execute(insert(models.leases).values(name=name, token=1, **values))
                 return Lease(name, holder, 1, ttl, now + ttl)
-            if row.holder not in (None, holder) and row.expires_at > now:
+            if row.holder not in (None, holder) and row.expires_at > now and not _dead_here(row):
                 return None
             token = row.token + 1
             done = conn.execute(
@@ -80,10 +84,28 @@ def acquire(engine: Engine, name: str, holder: str, ttl: float = DEFAULT_LEASE_T
             return Lease(name, holder, token, ttl, now + ttl)
     except IntegrityError:
         return None  # another process inserted the row first
-    except OperationalError as exc:
-        if "locked" in str(exc).lower():
-            return None  # SQLite: another process is mid-write; treat as held
-        raise
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with ``pid`` exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _dead_here(row: Any) -> bool:
+    # A holder on this very host whose process is gone (SIGKILL, OOM) cannot
+    # renew: no need to make the user wait out the TTL.
+    return bool(
+        row.host == socket.gethostname()
+        and row.pid is not None
+        and row.pid != os.getpid()
+        and not pid_alive(row.pid)
+    )
 
 
 def renew(engine: Engine, lease: Lease) -> bool:
@@ -133,7 +155,7 @@ def current_holder(engine: Engine, name: str) -> dict[str, Any] | None:
     """Who holds ``name`` now (holder, host, pid, expires_at), or None when it is free."""
     with engine.connect() as conn:
         row = conn.execute(select(models.leases).where(models.leases.c.name == name)).first()
-    if row is None or row.holder is None or row.expires_at <= wall():
+    if row is None or row.holder is None or row.expires_at <= wall() or _dead_here(row):
         return None
     return dict(row._mapping)
 

@@ -310,3 +310,21 @@ def _record_audience(conn: Connection, definition: Definition, members: int) -> 
     )
     if updated.rowcount == 0:
         conn.execute(insert(models.audiences).values(key=definition.key, created_at=now, **values))
+
+
+def requeue_failed(conn: Connection, key: str, run_id: int) -> int:
+    """Give every change Gleap rejected for ``key`` a fresh set of attempts under ``run_id``."""
+    o = models.outbox.c
+    requeued = conn.execute(
+        update(models.outbox)
+        .where(o.audience_key == key, o.state == "failed")
+        .values(
+            state="pending",
+            attempts=0,
+            run_id=run_id,
+            version=o.version + 1,
+            priority=PRIORITY_ROUTINE,
+            queued_at=utcnow(),
+        )
+    )
+    return int(requeued.rowcount)

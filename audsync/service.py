@@ -48,7 +48,7 @@ from audsync.history import (
     start_run,
 )
 from audsync.source import open_source
-from audsync.state import open_state
+from audsync.state import open_configured
 from audsync.sync import SyncOutcome, deliver_or_hand_over, make_client, plan_all
 
 log = logging.getLogger("audsync.service")
@@ -113,7 +113,7 @@ class Daemon:
     ) -> None:
         self.config = config
         self.client = client or make_client(config)
-        self.state = state or open_state(config.state_url)
+        self.state = state or open_configured(config)
         self.install_signals = install_signals
         self.stopping = threading.Event()
         self.holder = locks.holder_identity()

@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from audsync import migrate
+from audsync.config import Config
+from audsync.defaults import DEFAULT_BUSY_TIMEOUT
 from audsync.errors import StateError, redact
 
 
-def open_state(url: str, *, upgrade: bool = True) -> Engine:
+def open_state(
+    url: str, *, upgrade: bool = True, busy_timeout: float = DEFAULT_BUSY_TIMEOUT
+) -> Engine:
     """An engine on the state DB, upgraded to the current schema when ``upgrade``."""
     try:
-        engine = create_engine(url, **_engine_options(url))
+        engine = create_engine(url, **_engine_options(url, busy_timeout))
     except (SQLAlchemyError, ImportError, ValueError) as exc:
         raise StateError(f"state DB {redact(url, _password(url))}: {exc}") from None
     if engine.dialect.name == "sqlite":
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", functools.partial(_sqlite_pragmas, busy_timeout))
     try:
         if upgrade:
             migrate.upgrade(engine)
@@ -33,28 +40,26 @@ def open_state(url: str, *, upgrade: bool = True) -> Engine:
     return engine
 
 
-def _engine_options(url: str) -> dict[str, Any]:
+def _engine_options(url: str, busy_timeout: float) -> dict[str, Any]:
     if url.startswith("sqlite"):
         # A second process (the daemon beside a manual sync) waits for the
         # write lock instead of failing at once.
-        return {"connect_args": {"timeout": 30}}
+        return {"connect_args": {"timeout": busy_timeout}}
     return {"pool_pre_ping": True}
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+def _sqlite_pragmas(busy_timeout: float, dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     # WAL lets readers (status, history, SQL by the user) run beside a writer;
     # NORMAL sync is durable across process crashes, which is what we promise.
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
     cursor.close()
 
 
 def _password(url: str) -> str | None:
     try:
-        from sqlalchemy.engine import make_url
-
         password = make_url(url).password
         return None if password is None else str(password)
     except Exception:
@@ -64,3 +69,29 @@ def _password(url: str) -> str | None:
 def _first_line(exc: BaseException) -> str:
     text = str(getattr(exc, "orig", None) or exc)
     return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+
+
+def open_configured(config: Config, *, upgrade: bool = True) -> Engine:
+    """The state DB of ``config``, upgraded to the current schema when ``upgrade``."""
+    return open_state(config.state_url, upgrade=upgrade, busy_timeout=config.state_busy_timeout)
+
+
+def open_for_reading(config: Config) -> Engine:
+    """The state DB for ``history``/``status``: never created or migrated by a read.
+
+    Raises StateError when it does not exist yet or needs ``audsync db upgrade``.
+    """
+    url = make_url(config.state_url)
+    if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
+        raise StateError(
+            f"state DB {url.render_as_string(hide_password=True)} does not exist yet:"
+            " run `audsync sync` (or `audsync db upgrade`) first"
+        )
+    engine = open_configured(config, upgrade=False)
+    current, head = migrate.current_revision(engine), migrate.head_revision()
+    if current != head:
+        raise StateError(
+            f"state DB {url.render_as_string(hide_password=True)} is at schema revision"
+            f" {current or 'none'}, this audsync needs {head}: run `audsync db upgrade`"
+        )
+    return engine

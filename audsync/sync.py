@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, delete, func, select
 from sqlalchemy.engine import make_url
 
 from audsync import locks, models
@@ -31,9 +31,9 @@ from audsync.history import (
     set_run,
     start_run,
 )
-from audsync.plan import PlanResult, choose_mode, plan_definition
+from audsync.plan import PlanResult, choose_mode, plan_definition, requeue_failed
 from audsync.source import open_source
-from audsync.state import open_state
+from audsync.state import open_configured, open_state
 
 Printer = Callable[[str], None]
 
@@ -101,7 +101,7 @@ def run_sync(
     try:
         client.check_token()  # a wrong token stops us before the state DB is touched
         source = open_source(config.require_source())
-        state = state or open_state(config.state_url)
+        state = state or open_configured(config)
         mark_interrupted(state)
         outcome = SyncOutcome()
         plan_all(
@@ -119,6 +119,44 @@ def run_sync(
         )
         deliver_or_hand_over(config, state, client, outcome, wait=wait, stop=stop, echo=echo)
         source.dispose()
+        return outcome
+    finally:
+        if own_client:
+            client.close()
+
+
+def retry_failed(
+    config: Config,
+    keys: list[str] | None = None,
+    *,
+    wait: bool = False,
+    echo: Printer = lambda line: None,
+    client: GleapClient | None = None,
+) -> SyncOutcome:
+    """Requeue the changes Gleap rejected (all, or of ``keys``) and deliver them.
+
+    Each audience with rejected changes gets a run in mode ``retry``.
+    """
+    definitions = config.select(keys or [])
+    own_client = client is None
+    client = client or make_client(config)
+    try:
+        client.check_token()
+        state = open_configured(config)
+        outcome = SyncOutcome()
+        for definition in definitions:
+            run_id = start_run(state, definition.key, "manual", "retry")
+            with state.begin() as conn:
+                count = requeue_failed(conn, definition.key, run_id)
+                set_run(conn, run_id, status="delivering" if count else "succeeded", queued=count)
+            if count:
+                echo(f"{definition.key}: {count} rejected changes queued again")
+                outcome.run_ids.append(run_id)
+            else:
+                with state.begin() as conn:
+                    conn.execute(delete(models.sync_runs).where(models.sync_runs.c.id == run_id))
+        if outcome.run_ids:
+            deliver_or_hand_over(config, state, client, outcome, wait=wait, echo=echo)
         return outcome
     finally:
         if own_client:
