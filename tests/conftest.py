@@ -141,6 +141,7 @@ def write_config(
     state_url: str,
     body: str = AUDIENCES,
     gleap_extra: str = "",
+    state_extra: str = "",
     extra: str = "",
     name: str = "audsync.toml",
 ) -> Path:
@@ -148,7 +149,8 @@ def write_config(
     path.write_text(
         f'[gleap]\nbase_url = "{base_url}"\nrate_limit = 100000\nrate_window = "60s"\n'
         f"max_retries = 3\n{gleap_extra}\n"
-        f'[source]\nurl = "{source_url}"\n[state]\nurl = "{state_url}"\n{extra}\n{body}',
+        f'[source]\nurl = "{source_url}"\n[state]\nurl = "{state_url}"\n{state_extra}\n'
+        f"{extra}\n{body}",
         encoding="utf-8",
     )
     return path
