@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import deque
 from collections.abc import Callable, Collection
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -161,53 +162,61 @@ def deliver(
             )
         return results
 
+    in_flight: dict[Future[list[CallResult]], str] = {}
+    queue: deque[tuple[str, list[Change]]] = deque()
+    since_finalize = 0
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="audsync-send") as pool:
-        while not halted():
-            with engine.connect() as conn:
-                users = next_users(conn, batch_size, skipped)
-                if not users:
-                    break
-                work = pending_changes(conn, users)
-            in_flight: dict[Future[list[CallResult]], str] = {}
-            queue = list(work.items())
-            while queue or in_flight:
-                while queue and len(in_flight) < concurrency * 2 and not halted():
-                    user_id, changes = queue.pop(0)
-                    in_flight[pool.submit(send_user, user_id, changes)] = user_id
-                if not in_flight:
-                    break
-                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
-                for future in done:
-                    user_id = in_flight.pop(future)
-                    try:
-                        results = future.result()
-                    except Interrupted:
-                        continue  # stopped before its call went out: it stays queued
-                    except GleapUnavailable as exc:
-                        skipped.add(user_id)
-                        streak += 1
-                        last_unavailable = exc
-                        if streak >= UNAVAILABLE_STREAK or len(skipped) > MAX_SKIPPED_USERS:
-                            report.error = report.error or exc
-                            halt.set()
-                        continue
-                    except GleapError as exc:
-                        if report.error is None or isinstance(exc, GleapAuthError):
-                            report.error = exc
+        while True:
+            # Refill before the queue runs dry, so the pacer never waits on the
+            # database; users already queued, in flight or skipped are left out.
+            if not halted() and len(queue) < concurrency:
+                busy = skipped | set(in_flight.values()) | {user for user, _ in queue}
+                with engine.connect() as conn:
+                    users = next_users(conn, batch_size, busy)
+                    if users:
+                        queue.extend(pending_changes(conn, users).items())
+            while queue and len(in_flight) < concurrency * 2 and not halted():
+                user_id, changes = queue.popleft()
+                in_flight[pool.submit(send_user, user_id, changes)] = user_id
+            if not in_flight:
+                break  # nothing pending, or halted with nothing left in flight
+            done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+            for future in done:
+                user_id = in_flight.pop(future)
+                try:
+                    results = future.result()
+                except Interrupted:
+                    continue  # stopped before its call went out: it stays queued
+                except GleapUnavailable as exc:
+                    skipped.add(user_id)
+                    streak += 1
+                    last_unavailable = exc
+                    if streak >= UNAVAILABLE_STREAK or len(skipped) > MAX_SKIPPED_USERS:
+                        report.error = report.error or exc
                         halt.set()
-                        continue
-                    try:
-                        _acknowledge(engine, results, lease, max_attempts, report)
-                    except LeaseLost as exc:
+                    continue
+                except GleapError as exc:
+                    if report.error is None or isinstance(exc, GleapAuthError):
                         report.error = exc
-                        halt.set()
-                    streak = 0
-                    report.users += 1
-                    report.calls += sum(r.attempts for r in results)
-                if on_progress is not None:
-                    on_progress(report)
-            with engine.begin() as conn:
-                finalize_runs(conn)
+                    halt.set()
+                    continue
+                try:
+                    _acknowledge(engine, results, lease, max_attempts, report)
+                except LeaseLost as exc:
+                    report.error = exc
+                    halt.set()
+                streak = 0
+                report.users += 1
+                since_finalize += 1
+                report.calls += sum(r.attempts for r in results)
+            if on_progress is not None:
+                on_progress(report)
+            if since_finalize >= batch_size:
+                with engine.begin() as conn:
+                    finalize_runs(conn)
+                since_finalize = 0
+    with engine.begin() as conn:
+        finalize_runs(conn)
     if report.error is None and skipped and last_unavailable is not None:
         report.error = GleapUnavailable(
             f"{len(skipped)} users stay queued after every retry failed (last: {last_unavailable})"

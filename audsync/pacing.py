@@ -75,11 +75,16 @@ class Pacer:
             self._sleep(min(delay, 0.25))
 
     def throttle(self, retry_after: float) -> None:
-        """Gleap said 429: everyone waits ``retry_after`` and the rate drops by a fifth."""
+        """Gleap said 429: everyone waits ``retry_after``; the first 429 of an episode
+        also drops the rate by a fifth."""
         with self._lock:
             self.throttled += 1
-            self._paused_until = max(self._paused_until, self._clock() + retry_after)
-            if self._interval:
+            now = self._clock()
+            # Calls already in flight all meet the same full window: one slow-down
+            # per episode, not one per 429, or the rate collapses.
+            first_of_episode = now >= self._paused_until
+            self._paused_until = max(self._paused_until, now + retry_after)
+            if self._interval and first_of_episode:
                 self._interval = min(self._interval * 1.25, self._base_interval * 20)
 
     def succeeded(self) -> None:

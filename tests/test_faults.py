@@ -11,16 +11,15 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import TOKEN, Warehouse, write_config
+from helpers import assert_counts_add_up, ledger, query
 
 from audsync.cli import main
 from audsync.sandbox import Sandbox
-from conftest import TOKEN, Warehouse, write_config
-from helpers import assert_counts_add_up, ledger, query
 
 pytestmark = pytest.mark.slow
 
