@@ -413,3 +413,49 @@ sql = "SELECT id AS user_id, spend AS value FROM customers"
     assert failure["http_status"] is None
     assert "column 'tags'" in failure["reason"] and "list" in failure["reason"]
     assert_counts_add_up(state_url)
+
+
+def test_poison_user_is_parked_after_max_attempts_until_retry_failed(
+    make_config: Any, gleap: Sandbox, warehouse: Warehouse, state_url: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    seed(warehouse)
+    gleap.reject_users = {"4"}
+    path, _ = make_config(extra="[sync]\nmax_attempts = 3\n")
+    for _ in range(5):
+        assert run(capsys, "-c", str(path), "sync")[0] == 0
+    tries = [c for c in gleap.calls("/admin/identify") if c["user_id"] == "4"]
+    assert len(tries) == 3  # then parked: later syncs leave user 4 alone
+    parked = query(state_url, "SELECT * FROM outbox WHERE user_id = '4'")
+    assert {(r["state"], r["attempts"], r["last_status"]) for r in parked} == {("failed", 3, 400)}
+    code, out, _ = run(capsys, "-c", str(path), "status")
+    assert code == 0 and "parked_failures" in out
+
+    gleap.reject_users = set()
+    code, out, _ = run(capsys, "-c", str(path), "retry-failed")
+    assert code == 0, out
+    assert "3 rejected changes queued again" in out or "rejected changes queued again" in out
+    assert gleap.contact("4") is not None
+    assert_gleap_matches_source(gleap, warehouse)
+    retry_runs = query(state_url, "SELECT * FROM sync_runs WHERE mode = 'retry'")
+    assert {r["status"] for r in retry_runs} == {"succeeded"}
+    assert sum(r["delivered"] for r in retry_runs) == 3
+    assert_counts_add_up(state_url)
+    code, out, _ = run(capsys, "-c", str(path), "retry-failed")
+    assert code == 0 and "no rejected changes to retry" in out
+
+
+def test_full_resync_also_retries_parked_users(
+    make_config: Any, gleap: Sandbox, warehouse: Warehouse, state_url: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    seed(warehouse)
+    gleap.reject_users = {"4"}
+    path, _ = make_config(extra="[sync]\nmax_attempts = 1\n")
+    assert run(capsys, "-c", str(path), "sync")[0] == 0
+    gleap.reject_users = set()
+    assert run(capsys, "-c", str(path), "sync")[0] == 0
+    assert gleap.contact("4") is None  # parked after one attempt
+    assert run(capsys, "-c", str(path), "sync", "--full")[0] == 0
+    assert_gleap_matches_source(gleap, warehouse)
+    assert_counts_add_up(state_url)
