@@ -110,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("keys", nargs="*", metavar="KEY", help="audiences/traits (default: all)")
     retry.add_argument("--wait", action="store_true", help="follow the daemon's delivery")
 
+    forget = sub.add_parser(
+        "forget", help="delete users in Gleap and keep them out of every later sync"
+    )
+    forget.add_argument("user_ids", nargs="*", metavar="USER_ID")
+    forget.add_argument("--list", action="store_true", help="show the suppressed user ids")
+    forget.add_argument("--undo", action="store_true", help="lift the suppression of USER_IDs")
+    forget.add_argument("--json", action="store_true", help="with --list: JSON output")
+
     history = sub.add_parser("history", help="past runs from the state DB")
     history.add_argument("--audience", metavar="KEY")
     history.add_argument("--limit", type=int, default=20, metavar="N")
@@ -269,6 +277,42 @@ def cmd_retry_failed(args: argparse.Namespace) -> int:
     return _print_runs(config, outcome, wait=args.wait)
 
 
+def cmd_forget(args: argparse.Namespace) -> int:
+    from audsync.forget import forget, suppressed, unforget
+    from audsync.state import open_configured
+    from audsync.sync import make_client
+
+    config = _config(args, require_file=False)
+    if args.list:
+        rows = suppressed(open_configured(config))
+        if args.json:
+            print(json.dumps(jsonable(rows), indent=2))
+        elif rows:
+            print(table(rows, ["user_id", "suppressed_at", "deleted_in_gleap_at", "last_error"]))
+        else:
+            print("no users are suppressed")
+        return EXIT_OK
+    if not args.user_ids:
+        _error("forget: name at least one USER_ID (or use --list)")
+        return EXIT_USAGE
+    if args.undo:
+        lifted = unforget(open_configured(config), args.user_ids)
+        for user_id in args.user_ids:
+            print(
+                f"{user_id}: "
+                + ("no longer suppressed" if user_id in lifted else "was not suppressed")
+            )
+        return EXIT_OK
+    with make_client(config) as client:
+        client.check_token()
+        report = forget(open_configured(config), client, args.user_ids)
+    for user_id in report.deleted:
+        print(f"{user_id}: deleted in Gleap and suppressed")
+    for user_id, why in report.failed.items():
+        _error(f"{user_id}: suppressed, but the Gleap delete failed ({why}); run forget again")
+    return EXIT_FAILED if report.failed else EXIT_OK
+
+
 def cmd_history(args: argparse.Namespace) -> int:
     from sqlalchemy import select
 
@@ -424,6 +468,7 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 COMMANDS = {
     "sync": cmd_sync,
     "retry-failed": cmd_retry_failed,
+    "forget": cmd_forget,
     "history": cmd_history,
     "status": cmd_status,
     "check": cmd_check,

@@ -121,6 +121,8 @@ class Definition:
     name: str
     key: str
     sql: str
+    events: bool = False
+    """Also send Audience Entered/Exited (or Trait Computed) Track events."""
 
 
 @dataclass(frozen=True)
@@ -170,6 +172,10 @@ class Config:
             )
         return tuple(known[k] for k in dict.fromkeys(keys))
 
+    def event_kinds(self) -> dict[str, Kind]:
+        """Keys whose transitions are also sent as Track events, with their kind."""
+        return {d.key: d.kind for d in self.definitions if d.events}
+
 
 _SECTIONS: dict[str, dict[str, str]] = {
     # key -> kind of value
@@ -192,7 +198,7 @@ _SECTIONS: dict[str, dict[str, str]] = {
         "lease_ttl": "duration",
     },
 }
-_DEFINITION_KEYS = {"name", "key", "sql"}
+_DEFINITION_KEYS = {"name", "key", "sql", "events"}
 
 
 def resolve_config_path(cli_path: str | None, env: Mapping[str, str]) -> tuple[str, bool]:
@@ -331,8 +337,17 @@ def _parse_definitions(raw: Mapping[str, Any], path: str) -> tuple[Definition, .
             problem = key_problem(key)
             if problem:
                 raise ConfigError(path, f"{where}.key", problem)
+            events = entry.get("events", False)
+            if not isinstance(events, bool):
+                raise ConfigError(path, f"{where}.events", f"{events!r} must be true or false")
             found.append(
-                Definition(kind=kind, name=name, key=key, sql=sql.strip().rstrip(";").strip())
+                Definition(
+                    kind=kind,
+                    name=name,
+                    key=key,
+                    sql=sql.strip().rstrip(";").strip(),
+                    events=events,
+                )
             )
     dupes = duplicate_keys(d.key for d in found)
     if dupes:

@@ -21,6 +21,7 @@ from sqlalchemy import Connection, Engine, and_, bindparam, delete, insert, sele
 
 from audsync import models
 from audsync.clock import utcnow
+from audsync.config import Kind
 from audsync.defaults import DEFAULT_CONCURRENCY, DEFAULT_DELIVER_BATCH, DEFAULT_MAX_ATTEMPTS
 from audsync.errors import (
     AudsyncError,
@@ -29,7 +30,8 @@ from audsync.errors import (
     GleapUnavailable,
     Interrupted,
 )
-from audsync.gleap import GleapClient, PayloadError, identify_bodies
+from audsync.events import EventKinds, pending_events, queue_event, send_events
+from audsync.gleap import MAX_EVENTS_PER_CALL, GleapClient, PayloadError, identify_bodies
 from audsync.locks import Lease, still_held
 from audsync.values import JSON_FALSE, JSON_NULL
 
@@ -50,6 +52,7 @@ class Change:
     contact: str | None
     run_id: int
     version: int
+    queued_at: Any = None
 
 
 @dataclass
@@ -69,6 +72,8 @@ class DeliveryReport:
 
     calls: int = 0  # HTTP requests made, retries included
     skipped: int = 0  # users left queued because their call failed every retry
+    events: int = 0  # Track events Gleap accepted
+    event_keys_dropped: int = 0  # event data keys beyond Gleap's ten
     users: int = 0
     delivered: int = 0
     failed: int = 0
@@ -96,7 +101,7 @@ def pending_changes(conn: Connection, users: list[str]) -> dict[str, list[Change
     by_user: dict[str, list[Change]] = {u: [] for u in users}
     o = models.outbox.c
     rows = conn.execute(
-        select(o.audience_key, o.user_id, o.value, o.contact, o.run_id, o.version)
+        select(o.audience_key, o.user_id, o.value, o.contact, o.run_id, o.version, o.queued_at)
         .where(o.state == "pending", o.user_id.in_(bindparam("users", expanding=True)))
         .order_by(o.user_id, o.audience_key),
         {"users": users},
@@ -132,6 +137,7 @@ def deliver(
     batch_size: int = DEFAULT_DELIVER_BATCH,
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     on_progress: Callable[[DeliveryReport], None] | None = None,
+    event_kinds: EventKinds | None = None,
 ) -> DeliveryReport:
     """Send every pending change until the outbox is empty, ``stop()`` or Gleap gives out.
 
@@ -161,6 +167,31 @@ def deliver(
                 CallResult(carried, outcome.ok, outcome.status, outcome.reason, 1 + outcome.retries)
             )
         return results
+
+    event_kinds = event_kinds or {}
+    events_waiting = pending_events(engine)
+
+    def guard(conn: Connection) -> None:
+        if lease is not None and not still_held(conn, lease):
+            raise LeaseLost("the delivery lease was taken over by another process")
+
+    def flush_events(all_of_them: bool) -> None:
+        """Send queued events in calls of 100; all of them at the end of a drain."""
+        nonlocal events_waiting
+        while events_waiting >= (1 if all_of_them else MAX_EVENTS_PER_CALL) and not halted():
+            try:
+                batch = send_events(engine, client, stop=halted, guard=guard)
+            except Interrupted:
+                return
+            except (GleapError, LeaseLost) as exc:
+                if report.error is None or isinstance(exc, GleapAuthError):
+                    report.error = exc
+                halt.set()
+                return
+            report.events += batch.sent
+            report.calls += 1 if batch.sent or batch.rejected else 0
+            report.event_keys_dropped += batch.dropped_keys
+            events_waiting = pending_events(engine)
 
     in_flight: dict[Future[list[CallResult]], str] = {}
     queue: deque[tuple[str, list[Change]]] = deque()
@@ -201,7 +232,9 @@ def deliver(
                     halt.set()
                     continue
                 try:
-                    _acknowledge(engine, results, lease, max_attempts, report)
+                    events_waiting += _acknowledge(
+                        engine, results, lease, max_attempts, report, event_kinds
+                    )
                 except LeaseLost as exc:
                     report.error = exc
                     halt.set()
@@ -209,12 +242,14 @@ def deliver(
                 report.users += 1
                 since_finalize += 1
                 report.calls += sum(r.attempts for r in results)
+            flush_events(all_of_them=False)
             if on_progress is not None:
                 on_progress(report)
             if since_finalize >= batch_size:
                 with engine.begin() as conn:
                     finalize_runs(conn)
                 since_finalize = 0
+    flush_events(all_of_them=True)
     with engine.begin() as conn:
         finalize_runs(conn)
     if report.error is None and skipped and last_unavailable is not None:
@@ -235,8 +270,11 @@ def _acknowledge(
     lease: Lease | None,
     max_attempts: int,
     report: DeliveryReport,
-) -> None:
+    event_kinds: EventKinds,
+) -> int:
+    """Record one user's call results; returns how many events the acks queued."""
     now = utcnow()
+    events = 0
     with engine.begin() as conn:
         if lease is not None and not still_held(conn, lease):
             raise LeaseLost("the delivery lease was taken over by another process")
@@ -245,6 +283,9 @@ def _acknowledge(
         for result in results:
             for change in result.changes:
                 if result.ok:
+                    kind = event_kinds.get(change.audience_key)
+                    if kind is not None:
+                        events += _queue_transition_event(conn, kind, change, now)
                     if _ack(conn, change, now):
                         delivered_by_run[change.run_id] = delivered_by_run.get(change.run_id, 0) + 1
                     report.delivered += 1
@@ -265,6 +306,30 @@ def _acknowledge(
             conn.execute(
                 update(models.sync_runs).where(runs.id == run_id).values(failed=runs.failed + n)
             )
+    return events
+
+
+def _queue_transition_event(conn: Connection, kind: Kind, change: Change, now: Any) -> int:
+    """Before the ledger moves: queue the event of the transition, if it is one."""
+    old = conn.execute(
+        select(models.ledger.c.value).where(
+            models.ledger.c.audience_key == change.audience_key,
+            models.ledger.c.user_id == change.user_id,
+        )
+    ).scalar()
+    occurred = change.queued_at or now
+    return int(
+        queue_event(
+            conn,
+            kind,
+            change.audience_key,
+            change.user_id,
+            old,
+            change.value,
+            occurred,
+            change.run_id,
+        )
+    )
 
 
 def _ack(conn: Connection, change: Change, now: Any) -> bool:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -22,7 +23,14 @@ from audsync import defaults
 from audsync.errors import GleapAuthError, GleapUnavailable, Interrupted, redact
 from audsync.pacing import Pacer
 from audsync.source import INVALID_MARK
+from audsync.values import timestamp
 
+TRACK_PATH = "/admin/track"
+CONTACTS_PATH = "/admin/contacts/"
+MAX_EVENT_DATA_KEYS = 10
+"""Gleap keeps at most ten metadata keys per event."""
+MAX_EVENTS_PER_CALL = 100
+"""Events per Track call: many per request saves the shared budget for Identify."""
 IDENTIFY_PATH = "/admin/identify"
 IDENTIFY_PARAMS = {"preventLastActivityUpdate": "true"}
 AUTH_PATH = "/admin/auth"
@@ -63,6 +71,44 @@ def identify_bodies(
         body.update(items[start : start + max_custom_keys])
         bodies.append(body)
     return bodies
+
+
+def event_name(name: str) -> str:
+    """Gleap's event name: periods and dollar signs become hyphens; case is kept."""
+    return name.replace(".", "-").replace("$", "-")
+
+
+def track_event(
+    name: str, user_id: str | None, date: Any, data: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], int]:
+    """One Track event per gleap-contract.md, and how many data keys were dropped.
+
+    Raises PayloadError without a name, a user id or a usable date.
+    """
+    if not name or not name.strip():
+        raise PayloadError("an event needs a name")
+    if user_id is None or not str(user_id).strip():
+        raise PayloadError(f"event {name!r} has no userId")
+    iso = timestamp(date)
+    if iso is None or "T" not in iso:
+        raise PayloadError(f"event {name!r} needs a date with a time, got {date!r}")
+    event: dict[str, Any] = {"name": event_name(name), "userId": str(user_id), "date": iso}
+    dropped = 0
+    if data:
+        kept = dict(list(data.items())[:MAX_EVENT_DATA_KEYS])
+        dropped = len(data) - len(kept)
+        event["data"] = kept
+    return event, dropped
+
+
+def track_bodies(
+    events: Sequence[dict[str, Any]], per_call: int = MAX_EVENTS_PER_CALL
+) -> list[dict[str, Any]]:
+    """``{"events": [...]}`` bodies of at most ``per_call`` events each."""
+    return [
+        {"events": list(events[start : start + per_call])}
+        for start in range(0, len(events), per_call)
+    ]
 
 
 def parse_retry_after(header: str | None, now: float | None = None) -> float | None:
@@ -177,6 +223,17 @@ class GleapClient:
     def identify(self, body: dict[str, Any], stop: Callable[[], bool] | None = None) -> CallOutcome:
         """POST one Identify Contact body. Raises GleapAuthError / GleapUnavailable."""
         return self._send("POST", IDENTIFY_PATH, body, params=IDENTIFY_PARAMS, stop=stop)
+
+    def track(self, body: dict[str, Any], stop: Callable[[], bool] | None = None) -> CallOutcome:
+        """POST one Track body (up to 100 events) under the same budget as Identify."""
+        return self._send("POST", TRACK_PATH, body, stop=stop)
+
+    def delete_contact(self, user_id: str) -> CallOutcome:
+        """DELETE one contact; a 404 (already gone) counts as done."""
+        outcome = self._send("DELETE", CONTACTS_PATH + quote(user_id, safe=""), None, paced=False)
+        if not outcome.ok and outcome.status == 404:
+            return CallOutcome(ok=True, status=404, retries=outcome.retries)
+        return outcome
 
     def _send(
         self,

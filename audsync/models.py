@@ -154,5 +154,28 @@ daemons = Table(
     Column("state", String(20), nullable=False),  # running | stopping | stopped
 )
 
+
+event_outbox = Table(
+    "event_outbox",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("audience_key", KEY, nullable=False),
+    Column("user_id", USER, nullable=False),
+    Column("name", String(200), nullable=False),  # Audience Entered | Audience Exited | ...
+    Column("data", Text, nullable=False),  # JSON object
+    Column("occurred_at", DateTime, nullable=False),
+    Column("run_id", Integer, nullable=False),
+    Index("ix_event_outbox_user", "user_id"),
+)
+
+suppressions = Table(
+    "suppressions",
+    metadata,
+    Column("user_id", USER, primary_key=True),
+    Column("suppressed_at", DateTime, nullable=False),
+    Column("deleted_in_gleap_at", DateTime),
+    Column("last_error", Text),
+)
+
 TERMINAL_STATUSES = ("succeeded", "partial", "failed", "held", "interrupted")
 OPEN_STATUSES = ("planning", "delivering")

@@ -117,6 +117,14 @@ def plan_definition(
     result = PlanResult(key=key, mode=mode)
 
     load_snapshot(conn, source, definition, chunk_size, result.stats, stop)
+    # Forgotten users never come back through a query (audsync forget).
+    conn.execute(
+        text(
+            "DELETE FROM snapshot WHERE audience_key = :k"
+            " AND user_id IN (SELECT user_id FROM suppressions)"
+        ),
+        {"k": key},
+    )
     result.members = conn.execute(
         select(func.count())
         .select_from(models.snapshot)

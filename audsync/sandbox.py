@@ -272,7 +272,13 @@ class Sandbox:
             self._db.executemany(
                 "INSERT INTO events (user_id, name, date, data) VALUES (?, ?, ?, ?)",
                 [
-                    (e["userId"], e["name"], e["date"], json.dumps(e.get("data")))
+                    # Gleap keeps the first ten metadata keys and ignores the rest.
+                    (
+                        e["userId"],
+                        e["name"],
+                        e["date"],
+                        json.dumps(dict(list(e["data"].items())[:10])) if "data" in e else None,
+                    )
                     for e in data["events"]
                 ],
             )

@@ -293,6 +293,7 @@ class Daemon:
                     stop=halted,
                     concurrency=self.config.gleap.concurrency,
                     max_attempts=self.config.sync.max_attempts,
+                    event_kinds=self.config.event_kinds(),
                 )
             except SQLAlchemyError as exc:
                 log.warning("state DB error while delivering, retrying: %s", exc)

@@ -360,6 +360,7 @@ def deliver_or_hand_over(
                 stop=lambda: stop() or beat.lost.is_set(),
                 concurrency=config.gleap.concurrency,
                 max_attempts=config.sync.max_attempts,
+                event_kinds=config.event_kinds(),
             )
         outcome.delivery = report
         if report.error is not None or stop():

@@ -43,8 +43,13 @@ def seed(warehouse: Warehouse, users: int, rng: random.Random) -> None:
         db.executemany(
             "INSERT INTO people (id, email, vip, buyer, revenue) VALUES (?, ?, ?, ?, ?)",
             [
-                (i, f"p{i}@x.io", int(rng.random() < 0.5), int(rng.random() < 0.5),
-                 round(rng.uniform(1, 500), 2) if rng.random() < 0.6 else None)
+                (
+                    i,
+                    f"p{i}@x.io",
+                    int(rng.random() < 0.5),
+                    int(rng.random() < 0.5),
+                    round(rng.uniform(1, 500), 2) if rng.random() < 0.6 else None,
+                )
                 for i in range(1, users + 1)
             ],
         )
@@ -104,8 +109,9 @@ def test_30_percent_server_errors_with_latency(
     seed(warehouse, 150, rng)
     state_url = f"sqlite:///{tmp_path / 'state.db'}"
     with Sandbox(TOKEN, fail_ratio=0.3, latency=0.003, seed=3) as gleap:
-        path = write_config(tmp_path, base_url=gleap.url, source_url=warehouse.url,
-                            state_url=state_url, body=BODY)
+        path = write_config(
+            tmp_path, base_url=gleap.url, source_url=warehouse.url, state_url=state_url, body=BODY
+        )
         sync_until_ok(path, capsys)
         churn(warehouse, rng, 150, 20)
         sync_until_ok(path, capsys)
@@ -122,10 +128,14 @@ def test_429_storm_slows_down_and_never_fails(
     state_url = f"sqlite:///{tmp_path / 'state.db'}"
     # Gleap allows 40/s (other traffic shares the project); we were told 200/s.
     with Sandbox(TOKEN, rate_limit=40, rate_window=1.0) as gleap:
-        path = write_config(tmp_path, base_url=gleap.url, source_url=warehouse.url,
-                            state_url=state_url, body=BODY)
-        path.write_text(path.read_text().replace('rate_limit = 100000\nrate_window = "60s"',
-                                                 'rate_limit = 200\nrate_window = "1s"'))
+        path = write_config(
+            tmp_path, base_url=gleap.url, source_url=warehouse.url, state_url=state_url, body=BODY
+        )
+        path.write_text(
+            path.read_text().replace(
+                'rate_limit = 100000\nrate_window = "60s"', 'rate_limit = 200\nrate_window = "1s"'
+            )
+        )
         assert sync_until_ok(path, capsys, attempts=1) == 1
         assert gleap.stats.throttled > 0
         assert query(state_url, "SELECT * FROM delivery_failures") == []
@@ -140,7 +150,9 @@ def run_and_kill(path: Path, delay: float, log: Path) -> int | None:
     with log.open("a") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "audsync.cli", "-c", str(path), "sync"],
-            stdout=out, stderr=subprocess.STDOUT, env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
         try:
             return proc.wait(timeout=delay)
@@ -152,8 +164,11 @@ def run_and_kill(path: Path, delay: float, log: Path) -> int | None:
 
 @pytest.mark.parametrize("seed_value", [1, 2, 3])
 def test_sigkill_at_random_points_under_faults_converges(
-    seed_value: int, tmp_path: Path, warehouse: Warehouse,
-    capsys: pytest.CaptureFixture[str], env_token: None,
+    seed_value: int,
+    tmp_path: Path,
+    warehouse: Warehouse,
+    capsys: pytest.CaptureFixture[str],
+    env_token: None,
 ) -> None:
     """The done-when of the delivery issue: 30 % failures, a server limit below the
     configured rate, the sync process killed at random moments; repeated syncs
@@ -162,12 +177,17 @@ def test_sigkill_at_random_points_under_faults_converges(
     users = 200
     seed(warehouse, users, rng)
     state_url = f"sqlite:///{tmp_path / 'state.db'}"
-    with Sandbox(TOKEN, fail_ratio=0.3, latency=0.002, rate_limit=150, rate_window=1.0,
-                 seed=seed_value) as gleap:
-        path = write_config(tmp_path, base_url=gleap.url, source_url=warehouse.url,
-                            state_url=state_url, body=BODY)
-        path.write_text(path.read_text().replace('rate_limit = 100000\nrate_window = "60s"',
-                                                 'rate_limit = 300\nrate_window = "1s"'))
+    with Sandbox(
+        TOKEN, fail_ratio=0.3, latency=0.002, rate_limit=150, rate_window=1.0, seed=seed_value
+    ) as gleap:
+        path = write_config(
+            tmp_path, base_url=gleap.url, source_url=warehouse.url, state_url=state_url, body=BODY
+        )
+        path.write_text(
+            path.read_text().replace(
+                'rate_limit = 100000\nrate_window = "60s"', 'rate_limit = 300\nrate_window = "1s"'
+            )
+        )
         kills = 0
         for _ in range(8):
             if run_and_kill(path, rng.uniform(0.4, 1.6), tmp_path / "sync.log") is None:

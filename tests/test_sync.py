@@ -416,7 +416,10 @@ sql = "SELECT id AS user_id, spend AS value FROM customers"
 
 
 def test_poison_user_is_parked_after_max_attempts_until_retry_failed(
-    make_config: Any, gleap: Sandbox, warehouse: Warehouse, state_url: str,
+    make_config: Any,
+    gleap: Sandbox,
+    warehouse: Warehouse,
+    state_url: str,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     seed(warehouse)
@@ -446,7 +449,10 @@ def test_poison_user_is_parked_after_max_attempts_until_retry_failed(
 
 
 def test_full_resync_also_retries_parked_users(
-    make_config: Any, gleap: Sandbox, warehouse: Warehouse, state_url: str,
+    make_config: Any,
+    gleap: Sandbox,
+    warehouse: Warehouse,
+    state_url: str,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     seed(warehouse)
