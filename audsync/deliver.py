@@ -111,6 +111,17 @@ def pending_changes(conn: Connection, users: list[str]) -> dict[str, list[Change
     return {u: c for u, c in by_user.items() if c}
 
 
+def mark_attempted(conn: Connection, users: list[str]) -> None:
+    """Written before the calls go out: from here on their values may reach Gleap."""
+    o = models.outbox.c
+    conn.execute(
+        update(models.outbox)
+        .where(o.state == "pending", o.user_id.in_(bindparam("users", expanding=True)))
+        .values(attempted=True),
+        {"users": users},
+    )
+
+
 def plan_calls(user_id: str, changes: list[Change]) -> list[tuple[dict[str, Any], list[Change]]]:
     """The Identify bodies for one user's changes, each with the changes it carries.
 
@@ -202,10 +213,11 @@ def deliver(
             # database; users already queued, in flight or skipped are left out.
             if not halted() and len(queue) < concurrency:
                 busy = skipped | set(in_flight.values()) | {user for user, _ in queue}
-                with engine.connect() as conn:
+                with engine.begin() as conn:
                     users = next_users(conn, batch_size, busy)
                     if users:
                         queue.extend(pending_changes(conn, users).items())
+                        mark_attempted(conn, users)
             while queue and len(in_flight) < concurrency * 2 and not halted():
                 user_id, changes = queue.popleft()
                 in_flight[pool.submit(send_user, user_id, changes)] = user_id
@@ -457,15 +469,17 @@ def _reject(conn: Connection, change: Change, result: CallResult, now: Any) -> b
 
 
 def finalize_runs(conn: Connection) -> None:
-    """Close every delivering run none of whose changes is still pending."""
+    """Close every delivering run none of whose changes is still pending.
+
+    Decided from the run's own counters (every queued change ends delivered,
+    failed or superseded), so it never scans a million-row outbox.
+    """
     conn.execute(
         text(
             "UPDATE sync_runs"
             " SET status = CASE WHEN failed > 0 THEN 'partial' ELSE 'succeeded' END,"
             " finished_at = :now"
-            " WHERE status = 'delivering'"
-            " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.run_id = sync_runs.id"
-            " AND o.state = 'pending')"
+            " WHERE status = 'delivering' AND delivered + failed + superseded >= queued"
         ),
         {"now": utcnow()},
     )

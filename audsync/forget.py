@@ -19,6 +19,7 @@ from audsync.clock import utcnow
 from audsync.errors import GleapAuthError, GleapError
 from audsync.gleap import GleapClient
 from audsync.history import set_run, start_run
+from audsync.plan import withdraw
 
 FORGET_KEY = "*"
 """sync_runs.audience_key of a forget run: it concerns every audience."""
@@ -50,9 +51,9 @@ def forget(engine: Engine, client: GleapClient, user_ids: list[str]) -> ForgetRe
         for user_id in user_ids:
             if user_id not in known:
                 conn.execute(insert(models.suppressions).values(user_id=user_id, suppressed_at=now))
+            withdraw(conn, models.outbox.c.user_id == user_id)
             for table in (
                 models.ledger,
-                models.outbox,
                 models.snapshot,
                 models.event_outbox,
                 models.delivery_failures,

@@ -20,9 +20,11 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    PrimaryKeyConstraint,
     String,
     Table,
     Text,
+    false,
 )
 
 metadata = MetaData()
@@ -65,8 +67,8 @@ snapshot = Table(
 outbox = Table(
     "outbox",
     metadata,
-    Column("audience_key", KEY, primary_key=True),
-    Column("user_id", USER, primary_key=True),
+    Column("audience_key", KEY, nullable=False),
+    Column("user_id", USER, nullable=False),
     Column("value", Text, nullable=False),
     Column("contact", Text),
     Column("run_id", Integer, nullable=False),
@@ -81,9 +83,12 @@ outbox = Table(
     Column("last_status", Integer),
     Column("last_error", Text),
     Column("queued_at", DateTime, nullable=False),
+    # Set before a call carrying this row goes out: the value may have reached
+    # Gleap, so a newer plan must overwrite it, never just withdraw it.
+    Column("attempted", Boolean, nullable=False, server_default=false()),
+    # Led by user_id: the deliverer fetches every pending change of a user.
+    PrimaryKeyConstraint("user_id", "audience_key", name="pk_outbox"),
     Index("ix_outbox_next", "state", "priority", "user_id"),
-    Index("ix_outbox_user", "user_id"),
-    Index("ix_outbox_run", "run_id"),
 )
 
 sync_runs = Table(

@@ -63,6 +63,20 @@ def breaker_verdict(
     return None
 
 
+def withdraw(conn: Connection, *conditions: Any) -> int:
+    """Delete outbox rows matching ``conditions``, crediting pending ones as superseded
+    to the runs that queued them (so those runs' counts still add up)."""
+    o, r = models.outbox.c, models.sync_runs.c
+    by_run = conn.execute(
+        select(o.run_id, func.count()).where(o.state == "pending", *conditions).group_by(o.run_id)
+    ).all()
+    for run_id, count in by_run:
+        conn.execute(
+            update(models.sync_runs).where(r.id == run_id).values(superseded=r.superseded + count)
+        )
+    return int(conn.execute(delete(models.outbox).where(*conditions)).rowcount)
+
+
 def absent_value(definition: Definition) -> str:
     """What Gleap is told when a user is no longer in the audience / has no trait value."""
     return JSON_FALSE if definition.kind == "audience" else JSON_NULL
@@ -131,6 +145,24 @@ def plan_definition(
         .where(models.snapshot.c.audience_key == key)
     ).scalar_one()
 
+    if mode == "initial" and not _has_outbox_rows(conn, key):
+        # First sync and nothing queued: every member is a change, so copy the
+        # snapshot straight into the outbox (no diff table, no upsert).
+        result.entered = result.members
+        result.queued = int(
+            conn.execute(
+                text(
+                    "INSERT INTO outbox (audience_key, user_id, value, contact, run_id, version,"
+                    " priority, state, attempts, queued_at)"
+                    " SELECT audience_key, user_id, value, contact, :run, 1, :prio, 'pending', 0,"
+                    " :now FROM snapshot WHERE audience_key = :k"
+                ),
+                {"k": key, "run": run_id, "prio": PRIORITY_BACKFILL, "now": utcnow()},
+            ).rowcount
+        )
+        _record_audience(conn, definition, result.members)
+        return result
+
     _fill_changes(conn, key, absent, full=mode == "full")
     for kind, count in conn.execute(
         text("SELECT kind, COUNT(*) FROM audsync_changes GROUP BY kind")
@@ -174,20 +206,37 @@ def plan_definition(
             .where(models.sync_runs.c.id == old_run)
             .values(superseded=models.sync_runs.c.superseded + count)
         )
+    # A pending value whose call may already have reached Gleap (the process
+    # died mid-call, or the call is in flight now) cannot be withdrawn: Gleap
+    # may hold it. Overwrite it with what Gleap should hold instead.
+    overwritten = conn.execute(
+        text(
+            "UPDATE outbox SET"
+            " value = COALESCE((SELECT s.value FROM snapshot s WHERE s.audience_key = :k"
+            " AND s.user_id = outbox.user_id), :absent),"
+            " contact = (SELECT s.contact FROM snapshot s WHERE s.audience_key = :k"
+            " AND s.user_id = outbox.user_id),"
+            " version = version + 1, run_id = :run, priority = 0, attempts = 0, queued_at = :now"
+            " WHERE audience_key = :k AND state = 'pending' AND attempted"
+            " AND NOT EXISTS (SELECT 1 FROM audsync_changes c WHERE c.user_id = outbox.user_id)"
+        ),
+        {**params, "absent": absent},
+    ).rowcount
     conn.execute(
         text(
             "DELETE FROM outbox WHERE audience_key = :k AND NOT EXISTS"
             " (SELECT 1 FROM audsync_changes c WHERE c.user_id = outbox.user_id)"
+            " AND NOT (state = 'pending' AND attempted)"
         ),
         params,
     )
-    conn.execute(
+    upserted = conn.execute(
         text(
             "INSERT INTO outbox (audience_key, user_id, value, contact, run_id, version,"
             " priority, state, attempts, queued_at)"
             " SELECT :k, c.user_id, c.value, c.contact, :run, 1, :prio, 'pending', 0, :now"
             " FROM audsync_changes c WHERE true"
-            " ON CONFLICT (audience_key, user_id) DO UPDATE SET"
+            " ON CONFLICT (user_id, audience_key) DO UPDATE SET"
             " value = excluded.value, contact = excluded.contact, run_id = excluded.run_id,"
             " version = outbox.version + 1, priority = excluded.priority, state = 'pending',"
             " attempts = CASE WHEN :full OR outbox.value <> excluded.value THEN 0"
@@ -199,11 +248,15 @@ def plan_definition(
         params,
     )
     result.superseded = sum(int(c) for r, c in superseded if r != run_id)
-    result.queued = conn.execute(
-        select(func.count()).select_from(models.outbox).where(models.outbox.c.run_id == run_id)
-    ).scalar_one()
+    # inserted + updated + overwritten: what this run now owns
+    result.queued = int(upserted.rowcount) + int(overwritten)
     _record_audience(conn, definition, result.members)
     return result
+
+
+def _has_outbox_rows(conn: Connection, key: str) -> bool:
+    o = models.outbox.c
+    return conn.execute(select(o.user_id).where(o.audience_key == key).limit(1)).first() is not None
 
 
 def load_snapshot(

@@ -35,6 +35,11 @@ def normalize_user_id(raw: Any) -> str | None:
     are all ``"42"``), so an id typed as integer in one engine and float in
     another still names one user.
     """
+    kind = type(raw)
+    if kind is int:  # the common cases first: this runs once per row
+        return str(raw)
+    if kind is str:
+        return raw if raw.strip() else None
     if raw is None or isinstance(raw, bool):
         return None
     if isinstance(raw, str):

@@ -162,7 +162,7 @@ def run_and_kill(path: Path, delay: float, log: Path) -> int | None:
             return None
 
 
-@pytest.mark.parametrize("seed_value", [1, 2, 3])
+@pytest.mark.parametrize("seed_value", [1, 2, 3, 4, 5, 6, 7, 8])
 def test_sigkill_at_random_points_under_faults_converges(
     seed_value: int,
     tmp_path: Path,

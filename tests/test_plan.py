@@ -178,3 +178,31 @@ def test_held_plan_writes_nothing(state_url: str, warehouse: Warehouse, tmp_path
         tx.rollback()
     assert query(state_url, "SELECT COUNT(*) AS n FROM outbox")[0]["n"] == 0
     assert query(state_url, "SELECT COUNT(*) AS n FROM snapshot")[0]["n"] == 4
+
+
+def test_value_that_may_have_reached_gleap_is_overwritten_not_withdrawn(
+    state_url: str, warehouse: Warehouse
+) -> None:
+    """A crash mid-call leaves an attempted row whose value Gleap may hold: a newer
+    plan that no longer wants it must send what Gleap should hold instead."""
+    from sqlalchemy import text
+
+    state, source = open_state(state_url), create_engine(warehouse.url)
+    warehouse.add(1, vip=True, revenue=5.0)
+    warehouse.add(2, vip=True, revenue=6.0)
+    plan(state, source, VIP)
+    plan(state, source, REVENUE)
+    with state.begin() as conn:  # what the deliverer writes before sending user 1
+        conn.execute(text("UPDATE outbox SET attempted = true WHERE user_id = '1'"))
+    warehouse.execute("UPDATE people SET vip = 0, revenue = NULL")
+    warehouse.add(3, vip=True, revenue=1.0)  # keeps the breaker quiet
+    vip = plan(state, source, VIP)
+    revenue = plan(state, source, REVENUE)
+    rows = {
+        (r["audience_key"], r["user_id"]): (json.loads(r["value"]), r["version"])
+        for r in query(state_url, "SELECT * FROM outbox")
+    }
+    assert rows[("vip", "1")] == (False, 2)  # overwritten with the exit value
+    assert rows[("revenue", "1")] == (None, 2)
+    assert ("vip", "2") not in rows and ("revenue", "2") not in rows  # never sent: withdrawn
+    assert vip.queued == 2 and revenue.queued == 2  # user 1's overwrite + user 3
