@@ -169,11 +169,19 @@ def plan_definition(
     ):
         setattr(result, kind, int(count))
 
-    previous = conn.execute(
+    # The base of the breaker's ratio: what Gleap holds, or — while a first
+    # sync is still being delivered — what the last plan found, whichever is
+    # larger; otherwise routine churn against a half-delivered backfill would
+    # look like an exodus.
+    held_by_gleap = conn.execute(
         select(func.count())
         .select_from(models.ledger)
         .where(models.ledger.c.audience_key == key, models.ledger.c.value != absent)
     ).scalar_one()
+    last_plan = conn.execute(
+        select(models.audiences.c.members).where(models.audiences.c.key == key)
+    ).scalar()
+    previous = max(int(held_by_gleap), int(last_plan or 0))
     result.held = breaker_verdict(previous, result.members, result.exited, max_exit_ratio, force)
     if result.held:
         return result

@@ -89,12 +89,14 @@ def assert_converged(gleap: Sandbox, warehouse: Warehouse, state_url: str) -> No
 
 
 def sync_until_ok(path: Path, capsys: pytest.CaptureFixture[str], attempts: int = 15) -> int:
+    errors = []
     for attempt in range(1, attempts + 1):
         code = main(["-c", str(path), "sync"])
-        capsys.readouterr()
+        _, err = capsys.readouterr()
         if code == 0:
             return attempt
-    raise AssertionError(f"no clean sync in {attempts} attempts")
+        errors.append(f"exit {code}: {err.strip()[-300:]}")
+    raise AssertionError(f"no clean sync in {attempts} attempts: " + "\n".join(errors))
 
 
 @pytest.fixture

@@ -20,3 +20,24 @@ def test_upgrade_is_idempotent(state_url: str) -> None:
     migrate.upgrade(engine)
     open_state(state_url)
     assert migrate.current_revision(engine) == migrate.head_revision()
+
+
+def test_a_failed_upgrade_leaves_the_schema_as_it_was(state_url: str) -> None:
+    """All revisions run in one transaction: a migration that dies halfway (here a
+    table in the way of revision 0002) leaves no half schema behind."""
+    import pytest
+    from sqlalchemy import create_engine, inspect, text
+
+    from audsync.errors import StateError
+
+    raw = create_engine(state_url)
+    with raw.begin() as conn:
+        conn.execute(text("CREATE TABLE daemons (squatter INTEGER)"))
+    with pytest.raises(StateError, match="unusable"):
+        open_state(state_url)
+    assert set(inspect(raw).get_table_names()) == {"daemons"}  # 0001's tables rolled back
+    with raw.begin() as conn:
+        conn.execute(text("DROP TABLE daemons"))
+    raw.dispose()
+    engine = open_state(state_url)
+    assert migrate.current_revision(engine) == migrate.head_revision()
