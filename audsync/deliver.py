@@ -33,6 +33,7 @@ from audsync.errors import (
 from audsync.events import EventKinds, pending_events, queue_event, send_events
 from audsync.gleap import MAX_EVENTS_PER_CALL, GleapClient, PayloadError, identify_bodies
 from audsync.locks import Lease, still_held
+from audsync.plan import PRIORITY_BACKFILL, PRIORITY_ROUTINE
 from audsync.values import JSON_FALSE, JSON_NULL
 
 UNAVAILABLE_STREAK = 20
@@ -87,13 +88,22 @@ class LeaseLost(AudsyncError):
 
 
 def next_users(conn: Connection, limit: int, exclude: Collection[str] = ()) -> list[str]:
-    """The next users to call: routine changes first, then the backfill, by user id."""
+    """The next users to call: routine changes first, then the backfill, by user id.
+
+    Two queries, each served by an index: the partial one on routine changes,
+    then the primary key's user_id order for the backfill.
+    """
     o = models.outbox.c
-    query = select(o.user_id).where(o.state == "pending")
-    if exclude:
-        query = query.where(o.user_id.not_in(list(exclude)))
-    rows = conn.execute(query.order_by(o.priority, o.user_id).limit(limit)).scalars()
-    return list(dict.fromkeys(rows))
+    users: list[str] = []
+    for priority in (PRIORITY_ROUTINE, PRIORITY_BACKFILL):
+        query = select(o.user_id).where(o.priority == priority, o.state == "pending")
+        if exclude:
+            query = query.where(o.user_id.not_in(list(exclude)))
+        wanted = limit - len(users)
+        users.extend(conn.execute(query.order_by(o.user_id).limit(wanted)).scalars())
+        if len(users) >= limit:
+            break
+    return list(dict.fromkeys(users))
 
 
 def pending_changes(conn: Connection, users: list[str]) -> dict[str, list[Change]]:

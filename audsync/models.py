@@ -25,6 +25,7 @@ from sqlalchemy import (
     Table,
     Text,
     false,
+    text,
 )
 
 metadata = MetaData()
@@ -53,6 +54,7 @@ ledger = Table(
     Column("user_id", USER, primary_key=True),
     Column("value", Text, nullable=False),
     Column("acked_at", DateTime, nullable=False),
+    sqlite_with_rowid=False,
 )
 
 snapshot = Table(
@@ -62,6 +64,7 @@ snapshot = Table(
     Column("user_id", USER, primary_key=True),
     Column("value", Text, nullable=False),
     Column("contact", Text),
+    sqlite_with_rowid=False,
 )
 
 outbox = Table(
@@ -88,7 +91,13 @@ outbox = Table(
     Column("attempted", Boolean, nullable=False, server_default=false()),
     # Led by user_id: the deliverer fetches every pending change of a user.
     PrimaryKeyConstraint("user_id", "audience_key", name="pk_outbox"),
-    Index("ix_outbox_next", "state", "priority", "user_id"),
+    Index(
+        "ix_outbox_routine",
+        "user_id",
+        postgresql_where=text("priority = 0 AND state = 'pending'"),
+        sqlite_where=text("priority = 0 AND state = 'pending'"),
+    ),
+    sqlite_with_rowid=False,
 )
 
 sync_runs = Table(

@@ -131,6 +131,11 @@ def plan_definition(
     result = PlanResult(key=key, mode=mode)
 
     load_snapshot(conn, source, definition, chunk_size, result.stats, stop)
+    if conn.dialect.name == "postgresql":
+        # Fresh statistics, or the planner takes a million-row snapshot for an
+        # empty table and anti-joins it row by row.
+        conn.exec_driver_sql("ANALYZE snapshot")
+        conn.exec_driver_sql("ANALYZE ledger")
     # Forgotten users never come back through a query (audsync forget).
     conn.execute(
         text(

@@ -178,7 +178,9 @@ def stream_snapshot(
         raise SourceError(
             key, f"a trait query must return a value column (it returns: {', '.join(columns)})"
         )
-    ordered = f"SELECT * FROM (\n{definition.sql}\n) audsync_q ORDER BY user_id"
+    ordered = (
+        f"SELECT * FROM (\n{definition.sql}\n) audsync_q ORDER BY {text_order(engine.dialect.name)}"
+    )
     last_id: str | None = None
     is_trait = definition.kind == "trait"
     # Column roles are decided once per query, not once per row: this loop runs
@@ -226,6 +228,24 @@ def stream_snapshot(
                     yield out
     except SQLAlchemyError as exc:
         raise SourceError(key, f"query failed: {first_line(exc)}") from None
+
+
+# Sorting by the id's text (byte order) makes the snapshot load append to the
+# state DB's primary-key B-tree instead of inserting all over it: numeric ids
+# sorted as numbers (1, 2, 10) are out of order as text ("1", "10", "2").
+_TEXT_ORDER = {
+    "sqlite": "CAST(user_id AS TEXT)",
+    "postgresql": 'CAST(user_id AS TEXT) COLLATE "C"',
+    "duckdb": "CAST(user_id AS VARCHAR)",
+    "snowflake": "CAST(user_id AS VARCHAR)",
+    "trino": "CAST(user_id AS VARCHAR)",
+    "bigquery": "CAST(user_id AS STRING)",
+}
+
+
+def text_order(dialect: str) -> str:
+    """ORDER BY expression putting ids in text order on ``dialect`` (plain user_id if unknown)."""
+    return _TEXT_ORDER.get(dialect, "user_id")
 
 
 def _columns(engine: Engine, definition: Definition) -> list[str]:

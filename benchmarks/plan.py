@@ -85,7 +85,8 @@ def baseline_plan(state: Engine, source: Engine, chunk: int = 5000) -> int:
         conn.exec_driver_sql("DELETE FROM b_outbox")
         with source.connect() as src:
             result = src.execution_options(stream_results=True, yield_per=chunk).execute(
-                text(f"SELECT * FROM ({SQL}) q ORDER BY user_id")
+                # Sorted in the key's own (text) order, as any bulk loader would.
+                text(f"SELECT * FROM ({SQL}) q ORDER BY CAST(user_id AS TEXT)")
             )
             if conn.dialect.name == "postgresql":
                 cursor: Any = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
