@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Collection
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, bindparam, delete, insert, select, text, update
+from sqlalchemy import Connection, Engine, bindparam, insert, select, text, update
 
 from audsync import models
 from audsync.clock import utcnow
@@ -35,6 +36,12 @@ from audsync.gleap import MAX_EVENTS_PER_CALL, GleapClient, PayloadError, identi
 from audsync.locks import Lease, still_held
 from audsync.plan import PRIORITY_BACKFILL, PRIORITY_ROUTINE
 from audsync.values import JSON_FALSE, JSON_NULL
+
+ACK_BATCH = 64
+"""Call results committed per acknowledging transaction, at most."""
+
+ACK_INTERVAL = 0.1
+"""Seconds an acknowledgement may wait for others before it is committed."""
 
 UNAVAILABLE_STREAK = 20
 """Consecutive users whose calls all failed before the drain stops: Gleap is down."""
@@ -214,6 +221,26 @@ def deliver(
             report.event_keys_dropped += batch.dropped_keys
             events_waiting = pending_events(engine)
 
+    # Acknowledgements are committed a few users at a time (at most ACK_BATCH
+    # results or ACK_INTERVAL seconds): one transaction per call would cap
+    # delivery well below what Gleap allows. A crash repeats at most these.
+    acks: list[CallResult] = []
+    unacked: set[str] = set()
+    last_ack = time.monotonic()
+
+    def flush_acks() -> None:
+        nonlocal events_waiting, acks, last_ack
+        last_ack = time.monotonic()
+        if not acks:
+            return
+        batch, acks = acks, []
+        unacked.clear()
+        try:
+            events_waiting += _acknowledge(engine, batch, lease, max_attempts, report, event_kinds)
+        except LeaseLost as exc:
+            report.error = exc
+            halt.set()
+
     in_flight: dict[Future[list[CallResult]], str] = {}
     queue: deque[tuple[str, list[Change]]] = deque()
     since_finalize = 0
@@ -221,8 +248,10 @@ def deliver(
         while True:
             # Refill before the queue runs dry, so the pacer never waits on the
             # database; users already queued, in flight or skipped are left out.
+            if not in_flight or len(queue) < concurrency:
+                flush_acks()  # acknowledged users must not look pending to the refill
             if not halted() and len(queue) < concurrency:
-                busy = skipped | set(in_flight.values()) | {user for user, _ in queue}
+                busy = skipped | unacked | set(in_flight.values()) | {u for u, _ in queue}
                 with engine.begin() as conn:
                     users = next_users(conn, batch_size, busy)
                     if users:
@@ -253,24 +282,25 @@ def deliver(
                         report.error = exc
                     halt.set()
                     continue
-                try:
-                    events_waiting += _acknowledge(
-                        engine, results, lease, max_attempts, report, event_kinds
-                    )
-                except LeaseLost as exc:
-                    report.error = exc
-                    halt.set()
+                acks.extend(results)
+                unacked.add(user_id)
                 streak = 0
                 report.users += 1
                 since_finalize += 1
                 report.calls += sum(r.attempts for r in results)
-            flush_events(all_of_them=False)
+            if len(acks) >= ACK_BATCH or time.monotonic() - last_ack >= ACK_INTERVAL:
+                flush_acks()
+            if events_waiting >= MAX_EVENTS_PER_CALL:
+                flush_acks()
+                flush_events(all_of_them=False)
             if on_progress is not None:
                 on_progress(report)
             if since_finalize >= batch_size:
+                flush_acks()
                 with engine.begin() as conn:
                     finalize_runs(conn)
                 since_finalize = 0
+    flush_acks()
     flush_events(all_of_them=True)
     with engine.begin() as conn:
         finalize_runs(conn)
@@ -302,14 +332,14 @@ def _acknowledge(
             raise LeaseLost("the delivery lease was taken over by another process")
         delivered_by_run: dict[int, int] = {}
         failed_by_run: dict[int, int] = {}
+        acknowledged: list[Change] = []
         for result in results:
             for change in result.changes:
                 if result.ok:
                     kind = event_kinds.get(change.audience_key)
-                    if kind is not None:
+                    if kind is not None:  # before the ledger moves: old -> new
                         events += _queue_transition_event(conn, kind, change, now)
-                    if _ack(conn, change, now):
-                        delivered_by_run[change.run_id] = delivered_by_run.get(change.run_id, 0) + 1
+                    acknowledged.append(change)
                     report.delivered += 1
                     report.per_key[change.audience_key] = (
                         report.per_key.get(change.audience_key, 0) + 1
@@ -317,6 +347,8 @@ def _acknowledge(
                 elif _reject(conn, change, result, now):
                     failed_by_run[change.run_id] = failed_by_run.get(change.run_id, 0) + 1
                     report.failed += 1
+        for change in _ack_all(conn, acknowledged, now):
+            delivered_by_run[change.run_id] = delivered_by_run.get(change.run_id, 0) + 1
         runs = models.sync_runs.c
         for run_id, n in delivered_by_run.items():
             conn.execute(
@@ -354,38 +386,57 @@ def _queue_transition_event(conn: Connection, kind: Kind, change: Change, now: A
     )
 
 
-def _ack(conn: Connection, change: Change, now: Any) -> bool:
-    """Record Gleap's 2xx for ``change``; True when it still was the queued value."""
-    ledger = models.ledger.c
-    updated = conn.execute(
-        update(models.ledger)
-        .where(ledger.audience_key == change.audience_key, ledger.user_id == change.user_id)
-        .values(value=change.value, acked_at=now)
+_UPSERT_LEDGER = text(
+    "INSERT INTO ledger (audience_key, user_id, value, acked_at)"
+    " VALUES (:audience_key, :user_id, :value, :acked_at)"
+    " ON CONFLICT (audience_key, user_id)"
+    " DO UPDATE SET value = excluded.value, acked_at = excluded.acked_at"
+)
+
+
+def _ack_all(conn: Connection, changes: list[Change], now: Any) -> list[Change]:
+    """Record Gleap's 2xx for ``changes``; returns those that still were the queued value.
+
+    Set-wise: one ledger upsert and one versioned DELETE ... RETURNING for the
+    whole batch, so acknowledging costs a few statements, not a few per change.
+    """
+    if not changes:
+        return []
+    conn.execute(
+        _UPSERT_LEDGER,
+        [
+            {
+                "audience_key": c.audience_key,
+                "user_id": c.user_id,
+                "value": c.value,
+                "acked_at": now,
+            }
+            for c in changes
+        ],
     )
-    if updated.rowcount == 0:
-        conn.execute(
-            insert(models.ledger).values(
-                audience_key=change.audience_key,
-                user_id=change.user_id,
-                value=change.value,
-                acked_at=now,
-            )
-        )
-    o = models.outbox.c
     # Only the acknowledged version goes: a newer plan's value stays queued.
-    deleted = conn.execute(
-        delete(models.outbox).where(
-            and_(
-                o.audience_key == change.audience_key,
-                o.user_id == change.user_id,
-                o.version == change.version,
-            )
+    params: dict[str, Any] = {}
+    rows = []
+    for i, c in enumerate(changes):
+        params.update({f"u{i}": c.user_id, f"k{i}": c.audience_key, f"v{i}": c.version})
+        rows.append(f"(:u{i}, :k{i}, :v{i})")
+    deleted = {
+        (r[0], r[1])
+        for r in conn.execute(
+            text(
+                "DELETE FROM outbox WHERE (user_id, audience_key, version) IN"
+                f" (VALUES {', '.join(rows)}) RETURNING user_id, audience_key"
+            ),
+            params,
         )
-    )
-    if deleted.rowcount == 1:
-        return True
-    _requeue_if_stale(conn, change, now)
-    return False
+    }
+    current = []
+    for change in changes:
+        if (change.user_id, change.audience_key) in deleted:
+            current.append(change)
+        else:
+            _requeue_if_stale(conn, change, now)
+    return current
 
 
 def _requeue_if_stale(conn: Connection, change: Change, now: Any) -> None:

@@ -2,7 +2,8 @@
 
     python benchmarks/deliver.py [--changes 100000] [--concurrency 8]
 
-Both post the same Identify bodies to the same sandbox (no rate limit). The
+Both post the same Identify bodies to the same sandbox (no rate limit), which
+runs in its own process so it does not share a GIL with the client. The
 bare loop is the floor any client pays: one httpx.Client posting bodies as
 fast as the server answers, with as many threads as audsync uses, and nothing
 else — no outbox, no ledger, no acknowledgement bookkeeping. audsync drains a
@@ -13,12 +14,16 @@ acknowledgement to a SQLite state DB.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
+import socket
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,12 +32,36 @@ import httpx
 from audsync.config import load_config
 from audsync.deliver import deliver
 from audsync.gleap import IDENTIFY_PARAMS, IDENTIFY_PATH
-from audsync.sandbox import Sandbox
 from audsync.source import open_source
 from audsync.state import open_configured
 from audsync.sync import SyncOutcome, make_client, plan_all
 
 TOKEN = "bench-token"
+
+
+@contextlib.contextmanager
+def sandbox_process() -> Iterator[str]:
+    """`audsync sandbox` in a child process, unlimited; yields its base URL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "audsync.cli", "sandbox", "--port", str(port), "--token", TOKEN,
+         "--rate-limit", "0"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                httpx.get(url + "/_sandbox/stats", timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait()
 
 
 def bare_loop(url: str, users: int, concurrency: int) -> float:
@@ -64,7 +93,7 @@ def main() -> int:
     args = parser.parse_args()
     python = sys.version.split()[0]
     print(f"machine: {platform.platform()}, {os.cpu_count()} cores, Python {python}")
-    with tempfile.TemporaryDirectory() as tmp, Sandbox(TOKEN) as gleap:
+    with tempfile.TemporaryDirectory() as tmp, sandbox_process() as url:
         folder = Path(tmp)
         db = sqlite3.connect(folder / "w.db")
         db.execute("CREATE TABLE people (id INTEGER PRIMARY KEY)")
@@ -73,7 +102,7 @@ def main() -> int:
         db.close()
         path = folder / "audsync.toml"
         path.write_text(
-            f'[gleap]\nbase_url = "{gleap.url}"\nrate_limit = 100000000\nrate_window = 1\n'
+            f'[gleap]\nbase_url = "{url}"\nrate_limit = 100000000\nrate_window = 1\n'
             f"concurrency = {args.concurrency}\n"
             f'[source]\nurl = "sqlite:///{folder / "w.db"}"\n'
             f'[state]\nurl = "sqlite:///{folder / "state.db"}"\n'
@@ -84,7 +113,7 @@ def main() -> int:
         source = open_source(config.require_source())
         plan_all(config, config.definitions, state, source, SyncOutcome())
 
-        bare = bare_loop(gleap.url, args.changes, args.concurrency)
+        bare = bare_loop(url, args.changes, args.concurrency)
         with make_client(config) as client:
             started = time.perf_counter()
             report = deliver(state, client, concurrency=args.concurrency)
