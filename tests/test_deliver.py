@@ -87,3 +87,54 @@ def test_plan_calls_coalesce_one_user() -> None:
     ((body, carried),) = plan_calls("u1", changes)
     assert body == {"email": "x@y.z", "userId": "u1", "a": True, "b": False, "t": 12.5}
     assert carried == changes
+
+
+def test_routine_changes_overtake_the_backfill(state_url: str) -> None:
+    """Invariant 6: a change to an already-synced audience is not starved behind a
+    long initial backfill of another one."""
+    from sqlalchemy import insert
+
+    from audsync import models
+    from audsync.clock import utcnow
+    from audsync.deliver import next_users
+    from audsync.plan import PRIORITY_BACKFILL, PRIORITY_ROUTINE
+
+    state = open_state(state_url)
+    now = utcnow()
+    rows = [
+        {
+            "audience_key": "new_audience",
+            "user_id": f"a{i:05d}",
+            "value": "true",
+            "run_id": 1,
+            "version": 1,
+            "priority": PRIORITY_BACKFILL,
+            "state": "pending",
+            "attempts": 0,
+            "queued_at": now,
+        }
+        for i in range(500)
+    ]
+    rows.append(
+        {**rows[0], "audience_key": "vip", "user_id": "zz-late-user", "priority": PRIORITY_ROUTINE}
+    )
+    rows.append(
+        {
+            **rows[0],
+            "audience_key": "vip",
+            "user_id": "zz-parked",
+            "priority": PRIORITY_ROUTINE,
+            "state": "failed",
+        }
+    )
+    with state.begin() as conn:
+        conn.execute(insert(models.outbox), rows)
+        first = next_users(conn, 10)
+        assert first[0] == "zz-late-user"  # jumps the 500-user backfill
+        assert first[1:] == [f"a{i:05d}" for i in range(9)]  # then the backfill, in order
+        assert "zz-parked" not in next_users(conn, 1000)
+        assert next_users(conn, 3, exclude={"zz-late-user", "a00000"}) == [
+            "a00001",
+            "a00002",
+            "a00003",
+        ]
