@@ -6,7 +6,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import create_engine, text
+
+from audsync.cli import main
 
 TABLES = ("audiences", "ledger", "snapshot", "outbox", "sync_runs", "delivery_failures", "leases")
 
@@ -63,3 +66,10 @@ def assert_counts_add_up(state_url: str) -> list[dict[str, Any]]:
         if run["status"] == "succeeded":
             assert still == 0 and run["failed"] == 0, run
     return runs
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """``audsync ARGV`` in-process: (exit code, stdout, stderr)."""
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err

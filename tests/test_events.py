@@ -7,9 +7,8 @@ from typing import Any
 
 import pytest
 from conftest import Warehouse
-from helpers import assert_counts_add_up, query
+from helpers import assert_counts_add_up, query, run_cli
 
-from audsync.cli import main
 from audsync.events import transition_event
 from audsync.gleap import PayloadError, event_name, track_bodies, track_event
 from audsync.sandbox import Sandbox
@@ -122,12 +121,6 @@ sql = "SELECT id AS user_id, revenue AS value FROM people WHERE revenue IS NOT N
 """
 
 
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_engage_style_events_once_per_transition(
     make_config: Any,
     gleap: Sandbox,
@@ -141,10 +134,10 @@ def test_engage_style_events_once_per_transition(
             [(i, 1, i % 2, float(i) if i <= 20 else None) for i in range(1, 251)],
         )
     path, _ = make_config(body=EVENTS_BODY)
-    assert run(capsys, "-c", str(path), "sync", "--dry-run")[0] == 0
+    assert run_cli(capsys, "-c", str(path), "sync", "--dry-run")[0] == 0
     assert gleap.events() == [] and gleap.calls() == []
 
-    assert run(capsys, "-c", str(path), "sync")[0] == 0
+    assert run_cli(capsys, "-c", str(path), "sync")[0] == 0
     events = gleap.events()
     entered = [e for e in events if e["name"] == "Audience Entered"]
     assert sorted(e["userId"] for e in entered) == sorted(str(i) for i in range(1, 251))
@@ -160,12 +153,12 @@ def test_engage_style_events_once_per_transition(
     assert not [e for e in events if "buyers" in (e["data"] or {})]  # events off for buyers
 
     gleap.reset_calls()
-    assert run(capsys, "-c", str(path), "sync")[0] == 0
+    assert run_cli(capsys, "-c", str(path), "sync")[0] == 0
     assert len(gleap.events()) == len(events)  # nothing changed: no new event
 
     warehouse.execute("UPDATE people SET vip = 0 WHERE id = 7")
     warehouse.execute("UPDATE people SET revenue = NULL WHERE id = 3")
-    assert run(capsys, "-c", str(path), "sync")[0] == 0
+    assert run_cli(capsys, "-c", str(path), "sync")[0] == 0
     new = gleap.events()[len(events) :]
     assert sorted((e["name"], e["userId"]) for e in new) == [
         ("Audience Exited", "7"),
@@ -193,10 +186,10 @@ def test_forget_deletes_suppresses_and_undo_lifts(
         f"SELECT id AS user_id FROM people WHERE vip = 1 UNION ALL SELECT '{weird}'",
     )
     path, _ = make_config(body=body)
-    assert run(capsys, "-c", str(path), "sync")[0] == 0
+    assert run_cli(capsys, "-c", str(path), "sync")[0] == 0
     assert gleap.contact("2") is not None and gleap.contact(weird) is not None
 
-    code, out, _ = run(capsys, "-c", str(path), "forget", "2", weird)
+    code, out, _ = run_cli(capsys, "-c", str(path), "forget", "2", weird)
     assert code == 0, out
     deletes = [c for c in gleap.calls() if c["method"] == "DELETE"]
     assert [c["path"] for c in deletes] == [
@@ -209,21 +202,21 @@ def test_forget_deletes_suppresses_and_undo_lifts(
 
     gleap.reset_calls()
     events_before = len(gleap.events())
-    assert run(capsys, "-c", str(path), "sync", "--full")[0] == 0
+    assert run_cli(capsys, "-c", str(path), "sync", "--full")[0] == 0
     sent = {c["user_id"] for c in gleap.calls("/admin/identify")}
     assert sent == {"1", "3", "4", "5"}  # 2 and the weird id are still in the query
     assert gleap.events()[events_before:] == []  # a full resync re-asserts, no transitions
 
-    code, out, _ = run(capsys, "-c", str(path), "forget", "--list")
+    code, out, _ = run_cli(capsys, "-c", str(path), "forget", "--list")
     assert code == 0 and "2" in out and weird in out
     forget_runs = query(state_url, "SELECT * FROM sync_runs WHERE mode = 'forget'")
     assert [(r["status"], r["members"], r["delivered"]) for r in forget_runs] == [
         ("succeeded", 2, 2)
     ]
 
-    code, out, _ = run(capsys, "-c", str(path), "forget", "--undo", "2")
+    code, out, _ = run_cli(capsys, "-c", str(path), "forget", "--undo", "2")
     assert code == 0 and "2: no longer suppressed" in out
     gleap.reset_calls()
-    assert run(capsys, "-c", str(path), "sync")[0] == 0
+    assert run_cli(capsys, "-c", str(path), "sync")[0] == 0
     assert {c["user_id"] for c in gleap.calls("/admin/identify")} == {"2"}
     assert gleap.contact("2")["vip"] is True  # type: ignore[index]

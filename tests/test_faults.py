@@ -15,27 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TOKEN, Warehouse, write_config
+from conftest import AUDIENCES, TOKEN, Warehouse, write_config
 from helpers import assert_counts_add_up, ledger, query
 
 from audsync.cli import main
 from audsync.sandbox import Sandbox
 
 pytestmark = pytest.mark.slow
-
-BODY = """
-[[audiences]]
-name = "VIP Customers"
-sql = "SELECT id AS user_id, email FROM people WHERE vip = 1"
-
-[[audiences]]
-name = "Buyers"
-sql = "SELECT id AS user_id FROM people WHERE buyer = 1"
-
-[[traits]]
-name = "Revenue"
-sql = "SELECT id AS user_id, revenue AS value FROM people WHERE revenue IS NOT NULL"
-"""
 
 
 def seed(warehouse: Warehouse, users: int, rng: random.Random) -> None:
@@ -112,7 +98,11 @@ def test_30_percent_server_errors_with_latency(
     state_url = f"sqlite:///{tmp_path / 'state.db'}"
     with Sandbox(TOKEN, fail_ratio=0.3, latency=0.003, seed=3) as gleap:
         path = write_config(
-            tmp_path, base_url=gleap.url, source_url=warehouse.url, state_url=state_url, body=BODY
+            tmp_path,
+            base_url=gleap.url,
+            source_url=warehouse.url,
+            state_url=state_url,
+            body=AUDIENCES,
         )
         sync_until_ok(path, capsys)
         churn(warehouse, rng, 150, 20)
@@ -131,7 +121,11 @@ def test_429_storm_slows_down_and_never_fails(
     # Gleap allows 40/s (other traffic shares the project); we were told 200/s.
     with Sandbox(TOKEN, rate_limit=40, rate_window=1.0) as gleap:
         path = write_config(
-            tmp_path, base_url=gleap.url, source_url=warehouse.url, state_url=state_url, body=BODY
+            tmp_path,
+            base_url=gleap.url,
+            source_url=warehouse.url,
+            state_url=state_url,
+            body=AUDIENCES,
         )
         path.write_text(
             path.read_text().replace(
@@ -183,7 +177,11 @@ def test_sigkill_at_random_points_under_faults_converges(
         TOKEN, fail_ratio=0.3, latency=0.002, rate_limit=150, rate_window=1.0, seed=seed_value
     ) as gleap:
         path = write_config(
-            tmp_path, base_url=gleap.url, source_url=warehouse.url, state_url=state_url, body=BODY
+            tmp_path,
+            base_url=gleap.url,
+            source_url=warehouse.url,
+            state_url=state_url,
+            body=AUDIENCES,
         )
         path.write_text(
             path.read_text().replace(

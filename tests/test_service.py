@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from apscheduler.schedulers.background import BackgroundScheduler
-from conftest import PG_URL, TOKEN, Warehouse, write_config
+from conftest import AUDIENCES, PG_URL, TOKEN, Warehouse, write_config
 from freezegun import freeze_time
 from helpers import assert_counts_add_up, query
 
@@ -166,21 +166,6 @@ def truth_reached(gleap: Sandbox, warehouse: Warehouse) -> bool:
     return True
 
 
-AUDIENCES_ONLY = """
-[[audiences]]
-name = "VIP Customers"
-sql = "SELECT id AS user_id, email FROM people WHERE vip = 1"
-
-[[audiences]]
-name = "Buyers"
-sql = "SELECT id AS user_id FROM people WHERE buyer = 1"
-
-[[traits]]
-name = "Revenue"
-sql = "SELECT id AS user_id, revenue AS value FROM people WHERE revenue IS NOT NULL"
-"""
-
-
 def seed(warehouse: Warehouse, users: int) -> None:
     with warehouse.connect() as db:
         db.executemany(
@@ -207,7 +192,7 @@ def test_daemon_syncs_at_start_picks_up_changes_and_stops_on_sigterm(
         base_url=gleap.url,
         source_url=warehouse.url,
         state_url=state_url,
-        body=AUDIENCES_ONLY,
+        body=AUDIENCES,
         extra='[schedule]\ninterval = "4s"\njitter = "1s"\n',
     )
     daemon = Process(tmp_path, "daemon", "-c", str(path), "run")
@@ -243,7 +228,7 @@ def test_manual_full_resync_beside_the_daemon(
         base_url=gleap.url,
         source_url=warehouse.url,
         state_url=state_url,
-        body=AUDIENCES_ONLY,
+        body=AUDIENCES,
         extra='[schedule]\ninterval = "1h"\njitter = "0s"\n',
     )
     daemon = Process(tmp_path, "daemon", "-c", str(path), "run")
@@ -277,7 +262,7 @@ def test_sigterm_mid_delivery_then_restart_loses_nothing(
             base_url=gleap.url,
             source_url=warehouse.url,
             state_url=state_url,
-            body=AUDIENCES_ONLY,
+            body=AUDIENCES,
             extra='[schedule]\ninterval = "1h"\njitter = "0s"\n',
             gleap_extra="",
         )
@@ -329,7 +314,7 @@ def test_two_daemons_on_postgres_one_delivers_and_the_other_takes_over(
             base_url=gleap.url,
             source_url=warehouse.url,
             state_url=pg_url,
-            body=AUDIENCES_ONLY,
+            body=AUDIENCES,
             extra='[schedule]\ninterval = "1h"\njitter = "0s"\n[sync]\nlease_ttl = "3s"\n',
         )
         path.write_text(path.read_text().replace("rate_limit = 100000", "rate_limit = 6000"))

@@ -9,9 +9,8 @@ from typing import Any
 
 import pytest
 from conftest import TOKEN, Warehouse
-from helpers import assert_counts_add_up, dump_state, ledger, query
+from helpers import assert_counts_add_up, dump_state, ledger, query, run_cli
 
-from audsync.cli import main
 from audsync.sandbox import Sandbox
 
 
@@ -22,12 +21,6 @@ def identify_calls(gleap: Sandbox) -> list[dict[str, Any]]:
 def seed(warehouse: Warehouse) -> None:
     for i in range(1, 21):
         warehouse.add(i, vip=i <= 8, buyer=i % 2 == 0, revenue=float(i * 10) if i <= 15 else None)
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def assert_gleap_matches_source(gleap: Sandbox, warehouse: Warehouse) -> None:
@@ -57,7 +50,7 @@ def test_initial_then_incremental_then_full(
 ) -> None:
     seed(warehouse)
     path, _ = make_config()
-    code, out, _ = run(capsys, "-c", str(path), "sync")
+    code, out, _ = run_cli(capsys, "-c", str(path), "sync")
     assert code == 0, out
     assert_gleap_matches_source(gleap, warehouse)
     first = identify_calls(gleap)
@@ -83,7 +76,7 @@ def test_initial_then_incremental_then_full(
     warehouse.execute("UPDATE people SET revenue = 999 WHERE id = 7")  # trait changes
     warehouse.execute("UPDATE people SET revenue = NULL WHERE id = 9")  # trait gone
     warehouse.add(30, vip=True)  # new user
-    code, out, _ = run(capsys, "-c", str(path), "sync")
+    code, out, _ = run_cli(capsys, "-c", str(path), "sync")
     assert code == 0
     second = identify_calls(gleap)
     assert sorted(c["user_id"] for c in second) == ["3", "30", "5", "7", "9"]
@@ -95,10 +88,10 @@ def test_initial_then_incremental_then_full(
     assert_gleap_matches_source(gleap, warehouse)
 
     gleap.reset_calls()
-    code, out, _ = run(capsys, "-c", str(path), "sync")
+    code, out, _ = run_cli(capsys, "-c", str(path), "sync")
     assert code == 0 and identify_calls(gleap) == []  # nothing changed, nobody called
 
-    code, out, _ = run(capsys, "-c", str(path), "sync", "vip_customers", "--full")
+    code, out, _ = run_cli(capsys, "-c", str(path), "sync", "vip_customers", "--full")
     assert code == 0
     full = {c["user_id"]: c["body"] for c in identify_calls(gleap)}
     assert {u for u, b in full.items() if b.get("vip_customers") is True} == warehouse.members(
@@ -114,7 +107,7 @@ def test_initial_then_incremental_then_full(
         "incremental",
         "full",
     ]
-    code, out, _ = run(capsys, "-c", str(path), "history", "--json", "--limit", "100")
+    code, out, _ = run_cli(capsys, "-c", str(path), "history", "--json", "--limit", "100")
     assert code == 0
     history = json.loads(out)
     assert len(history) == len(runs) == 3 * 3 + 1
@@ -132,7 +125,7 @@ def test_dry_run_changes_nothing_and_sends_nothing(
     seed(warehouse)
     path, _ = make_config()
     before_fresh = dump_state(state_url)
-    code, out, _ = run(capsys, "-c", str(path), "sync", "--dry-run")
+    code, out, _ = run_cli(capsys, "-c", str(path), "sync", "--dry-run")
     assert code == 0
     assert "nothing was written" in out and "18 Identify calls" in out
     assert dump_state(state_url) == before_fresh
@@ -140,11 +133,11 @@ def test_dry_run_changes_nothing_and_sends_nothing(
     if state_url.startswith("sqlite"):
         assert not Path(state_url.removeprefix("sqlite:///")).exists()
 
-    assert run(capsys, "-c", str(path), "sync")[0] == 0
+    assert run_cli(capsys, "-c", str(path), "sync")[0] == 0
     warehouse.execute("UPDATE people SET vip = 0 WHERE id IN (1, 2)")
     gleap.reset_calls()
     before = dump_state(state_url)
-    code, out, _ = run(capsys, "-c", str(path), "sync", "--dry-run", "--full")
+    code, out, _ = run_cli(capsys, "-c", str(path), "sync", "--dry-run", "--full")
     assert code == 0
     assert dump_state(state_url) == before
     assert gleap.calls() == []
@@ -167,7 +160,7 @@ def test_wrong_token_changes_nothing_and_never_prints_it(
     monkeypatch.setenv("AUDSYNC_GLEAP_API_TOKEN", secret)
     before = dump_state(state_url)
     with caplog.at_level(logging.DEBUG):
-        code, out, err = run(capsys, "-c", str(path), "sync")
+        code, out, err = run_cli(capsys, "-c", str(path), "sync")
     assert code == 1
     assert err.strip().splitlines() == ["audsync: error: Gleap rejected the API token (HTTP 401)"]
     assert secret not in out + err + caplog.text
@@ -193,7 +186,7 @@ def test_token_revoked_mid_run_stops_and_keeps_the_rest_queued(
 
     gleap.on_identify = revoke_after_five
     with caplog.at_level(logging.DEBUG):
-        code, out, err = run(capsys, "-c", str(path), "sync")
+        code, out, err = run_cli(capsys, "-c", str(path), "sync")
     assert code == 1
     assert "Gleap rejected the API token" in err
     assert TOKEN not in out + err + caplog.text
@@ -207,7 +200,7 @@ def test_token_revoked_mid_run_stops_and_keeps_the_rest_queued(
 
     gleap.token = TOKEN
     gleap.on_identify = None
-    assert run(capsys, "-c", str(path), "sync")[0] == 0
+    assert run_cli(capsys, "-c", str(path), "sync")[0] == 0
     assert_gleap_matches_source(gleap, warehouse)
 
 
@@ -216,7 +209,7 @@ def test_bad_config_exits_2_with_one_line(
 ) -> None:
     path = tmp_path / "audsync.toml"
     path.write_text("[gleap]\nrate_limit = -1\n", encoding="utf-8")
-    code, _out, err = run(capsys, "-c", str(path), "sync")
+    code, _out, err = run_cli(capsys, "-c", str(path), "sync")
     assert code == 2
     assert err == f"audsync: error: {path}: gleap.rate_limit: -1 must be positive\n"
 
@@ -239,7 +232,7 @@ name = "Buyers"
 sql = "SELECT id AS user_id FROM people WHERE buyer = 1"
 """
     path, _ = make_config(body=body)
-    code, _out, err = run(capsys, "-c", str(path), "sync")
+    code, _out, err = run_cli(capsys, "-c", str(path), "sync")
     assert code == 1
     assert "audience 'broken': query failed" in err and "no_such_table" in err
     assert "Traceback" not in err
@@ -255,7 +248,7 @@ def test_query_without_user_id(
 ) -> None:
     seed(warehouse)
     path, _ = make_config(body='[[traits]]\nname = "T"\nsql = "SELECT id FROM people"\n')
-    code, _, err = run(capsys, "-c", str(path), "sync")
+    code, _, err = run_cli(capsys, "-c", str(path), "sync")
     assert code == 1
     assert "audience 't': the query returns no user_id column (it returns: id)" in err
 
@@ -269,10 +262,10 @@ def test_empty_audience_is_held_and_no_false_is_sent(
 ) -> None:
     seed(warehouse)
     path, _ = make_config()
-    assert run(capsys, "-c", str(path), "sync")[0] == 0
+    assert run_cli(capsys, "-c", str(path), "sync")[0] == 0
     gleap.reset_calls()
     warehouse.execute("DELETE FROM people")
-    code, _out, err = run(capsys, "-c", str(path), "sync")
+    code, _out, err = run_cli(capsys, "-c", str(path), "sync")
     assert code == 1
     assert "held" in err and "--force" in err
     assert identify_calls(gleap) == []
@@ -280,7 +273,7 @@ def test_empty_audience_is_held_and_no_false_is_sent(
     assert {r["audience_key"] for r in held} == {"vip_customers", "buyers", "revenue"}
     assert query(state_url, "SELECT * FROM outbox") == []
     # The user insists: --force goes ahead and sends the exits.
-    code, _, _ = run(capsys, "-c", str(path), "sync", "vip_customers", "--force")
+    code, _, _ = run_cli(capsys, "-c", str(path), "sync", "vip_customers", "--force")
     assert code == 0
     assert {c["body"]["vip_customers"] for c in identify_calls(gleap)} == {False}
 
@@ -296,10 +289,10 @@ def test_mass_exit_over_ratio_is_held(
     path, _ = make_config(
         body='[[audiences]]\nname = "VIP"\nsql = "SELECT id AS user_id FROM people WHERE vip = 1"\n'
     )
-    assert run(capsys, "-c", str(path), "sync")[0] == 0
+    assert run_cli(capsys, "-c", str(path), "sync")[0] == 0
     warehouse.execute("UPDATE people SET vip = 0 WHERE id <= 5")  # 5 of 8 leave
     gleap.reset_calls()
-    code, _, err = run(capsys, "-c", str(path), "sync")
+    code, _, err = run_cli(capsys, "-c", str(path), "sync")
     assert code == 1 and "5 of 8 users would be removed" in err
     assert identify_calls(gleap) == []
 
@@ -314,7 +307,7 @@ def test_rejected_user_is_recorded_and_the_rest_delivered(
     seed(warehouse)
     gleap.reject_users = {"4"}
     path, _ = make_config()
-    code, out, _ = run(capsys, "-c", str(path), "sync")
+    code, out, _ = run_cli(capsys, "-c", str(path), "sync")
     assert code == 0
     failures = query(state_url, "SELECT * FROM delivery_failures")
     assert {(f["user_id"], f["http_status"]) for f in failures} == {("4", 400)}
@@ -324,11 +317,11 @@ def test_rejected_user_is_recorded_and_the_rest_delivered(
     assert all(u != "4" for _, u in ledger(state_url))
     runs = assert_counts_add_up(state_url)
     assert {r["status"] for r in runs} == {"partial"}
-    code, out, _ = run(capsys, "-c", str(path), "history", "--failures")
+    code, out, _ = run_cli(capsys, "-c", str(path), "history", "--failures")
     assert "reject_users" in out
 
     gleap.reject_users = set()
-    assert run(capsys, "-c", str(path), "sync")[0] == 0
+    assert run_cli(capsys, "-c", str(path), "sync")[0] == 0
     assert gleap.contact("4") is not None
     assert_gleap_matches_source(gleap, warehouse)
     assert_counts_add_up(state_url)
@@ -350,7 +343,7 @@ UNION ALL SELECT 2.0 UNION ALL SELECT 'u3' UNION ALL SELECT 'u3'
 \"\"\"
 """
     path, _ = make_config(body=body)
-    assert run(capsys, "-c", str(path), "sync")[0] == 0
+    assert run_cli(capsys, "-c", str(path), "sync")[0] == 0
     (row,) = query(state_url, "SELECT * FROM sync_runs")
     assert (row["members"], row["skipped_ids"], row["duplicate_ids"]) == (3, 2, 2)
     assert set(gleap.contacts()) == {"1", "2", "u3"}
@@ -397,7 +390,7 @@ sql = "SELECT id AS user_id, spend AS value FROM customers"
     path = write_config(
         tmp_path, base_url=gleap.url, source_url=pg_url, state_url=state_url, body=body
     )
-    code, _out, err = run(capsys, "-c", str(path), "sync")
+    code, _out, err = run_cli(capsys, "-c", str(path), "sync")
     assert code == 0, err
     assert gleap.contact("1") == {
         "userId": "1",
@@ -426,16 +419,16 @@ def test_poison_user_is_parked_after_max_attempts_until_retry_failed(
     gleap.reject_users = {"4"}
     path, _ = make_config(extra="[sync]\nmax_attempts = 3\n")
     for _ in range(5):
-        assert run(capsys, "-c", str(path), "sync")[0] == 0
+        assert run_cli(capsys, "-c", str(path), "sync")[0] == 0
     tries = [c for c in gleap.calls("/admin/identify") if c["user_id"] == "4"]
     assert len(tries) == 3  # then parked: later syncs leave user 4 alone
     parked = query(state_url, "SELECT * FROM outbox WHERE user_id = '4'")
     assert {(r["state"], r["attempts"], r["last_status"]) for r in parked} == {("failed", 3, 400)}
-    code, out, _ = run(capsys, "-c", str(path), "status")
+    code, out, _ = run_cli(capsys, "-c", str(path), "status")
     assert code == 0 and "parked_failures" in out
 
     gleap.reject_users = set()
-    code, out, _ = run(capsys, "-c", str(path), "retry-failed")
+    code, out, _ = run_cli(capsys, "-c", str(path), "retry-failed")
     assert code == 0, out
     assert "3 rejected changes queued again" in out or "rejected changes queued again" in out
     assert gleap.contact("4") is not None
@@ -444,7 +437,7 @@ def test_poison_user_is_parked_after_max_attempts_until_retry_failed(
     assert {r["status"] for r in retry_runs} == {"succeeded"}
     assert sum(r["delivered"] for r in retry_runs) == 3
     assert_counts_add_up(state_url)
-    code, out, _ = run(capsys, "-c", str(path), "retry-failed")
+    code, out, _ = run_cli(capsys, "-c", str(path), "retry-failed")
     assert code == 0 and "no rejected changes to retry" in out
 
 
@@ -458,10 +451,10 @@ def test_full_resync_also_retries_parked_users(
     seed(warehouse)
     gleap.reject_users = {"4"}
     path, _ = make_config(extra="[sync]\nmax_attempts = 1\n")
-    assert run(capsys, "-c", str(path), "sync")[0] == 0
+    assert run_cli(capsys, "-c", str(path), "sync")[0] == 0
     gleap.reject_users = set()
-    assert run(capsys, "-c", str(path), "sync")[0] == 0
+    assert run_cli(capsys, "-c", str(path), "sync")[0] == 0
     assert gleap.contact("4") is None  # parked after one attempt
-    assert run(capsys, "-c", str(path), "sync", "--full")[0] == 0
+    assert run_cli(capsys, "-c", str(path), "sync", "--full")[0] == 0
     assert_gleap_matches_source(gleap, warehouse)
     assert_counts_add_up(state_url)
