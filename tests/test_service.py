@@ -342,3 +342,62 @@ def test_two_daemons_on_postgres_one_delivers_and_the_other_takes_over(
         assert tokens[0]["token"] >= 2  # the fencing token moved on with the new holder
         runs = assert_counts_add_up(pg_url)
         assert not [r for r in runs if r["status"] in ("planning", "delivering")]
+
+
+BUYERS_ENTRY = (
+    '[[audiences]]\nname = "Buyers"\nsql = "SELECT id AS user_id FROM people WHERE buyer = 1"\n'
+)
+
+
+def test_audience_removed_from_config_stops_syncing_and_keeps_its_ledger(
+    tmp_path: Path,
+    warehouse: Warehouse,
+    gleap: Sandbox,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from audsync.cli import main
+    from audsync.service import retire_removed
+    from audsync.source import open_source
+    from audsync.state import open_state
+    from audsync.sync import SyncOutcome, plan_all
+
+    seed(warehouse, 30)
+    monkeypatch.setenv("AUDSYNC_GLEAP_API_TOKEN", TOKEN)
+    state_url = f"sqlite:///{tmp_path / 'state.db'}"
+    path = write_config(
+        tmp_path, base_url=gleap.url, source_url=warehouse.url, state_url=state_url, body=AUDIENCES
+    )
+    assert main(["-c", str(path), "sync"]) == 0
+    acked = query(state_url, "SELECT COUNT(*) AS n FROM ledger WHERE audience_key = 'buyers'")
+    warehouse.execute("UPDATE people SET buyer = 1 - buyer WHERE id <= 3")
+    # Plan the change without delivering it, as a daemon stopped mid-way would leave it.
+    full_config = load_config(str(path), env={"AUDSYNC_GLEAP_API_TOKEN": TOKEN})
+    source = open_source(warehouse.url)
+    plan_all(
+        full_config, full_config.select(["buyers"]), open_state(state_url), source, SyncOutcome()
+    )
+    source.dispose()
+    assert len(query(state_url, "SELECT * FROM outbox WHERE audience_key = 'buyers'")) == 3
+    config_without_buyers = write_config(
+        tmp_path,
+        base_url=gleap.url,
+        source_url=warehouse.url,
+        state_url=state_url,
+        body=AUDIENCES.replace(BUYERS_ENTRY, ""),
+        name="smaller.toml",
+    )
+    capsys.readouterr()
+    config = load_config(str(config_without_buyers), env={"AUDSYNC_GLEAP_API_TOKEN": TOKEN})
+    assert [d.key for d in config.definitions] == ["vip_customers", "revenue"]
+    state = open_state(state_url)
+    retire_removed(state, config)
+    (buyers,) = query(state_url, "SELECT * FROM audiences WHERE key = 'buyers'")
+    assert not buyers["active"]
+    assert query(state_url, "SELECT * FROM outbox WHERE audience_key = 'buyers'") == []
+    assert (
+        query(state_url, "SELECT COUNT(*) AS n FROM ledger WHERE audience_key = 'buyers'") == acked
+    )  # the ledger is kept
+    runs = assert_counts_add_up(state_url)
+    assert runs[-1]["audience_key"] == "buyers" and runs[-1]["superseded"] == 3
+    assert runs[-1]["status"] == "succeeded"
