@@ -392,7 +392,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from sqlalchemy import text
 
-    from audsync.source import first_line, open_source
+    from audsync.source import StreamStats, first_line, open_source, stream_snapshot
     from audsync.sync import make_client
 
     config = _config(args)
@@ -410,8 +410,6 @@ def cmd_check(args: argparse.Namespace) -> int:
     for definition in config.definitions:
         probe = f"SELECT COUNT(*) FROM (\n{definition.sql}\n) audsync_q"
         try:
-            from audsync.source import StreamStats, stream_snapshot
-
             next(iter(stream_snapshot(source, definition, 1, StreamStats())), None)
             with source.connect() as conn:
                 count = conn.execute(text(probe)).scalar_one()

@@ -553,6 +553,3 @@ def finalize_runs(conn: Connection) -> None:
             " AND r.status = 'succeeded')"
         )
     )
-
-
-__all__ = ["GleapAuthError", "GleapUnavailable", "deliver", "finalize_runs"]

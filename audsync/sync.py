@@ -393,7 +393,7 @@ def _dry_run(
     """Plan inside one transaction that is always rolled back: nothing is written, nothing sent."""
     source = open_source(config.require_source())
     outcome = SyncOutcome()
-    with _dry_run_state(config.state_url) as state, state.connect() as conn:
+    with _DryRunState(config.state_url) as state, state.connect() as conn:
         tx = conn.begin()
         try:
             for number, definition in enumerate(definitions, start=1):
@@ -426,7 +426,7 @@ def _dry_run(
     return outcome
 
 
-class _dry_run_state:
+class _DryRunState:
     """The real state DB read-only-by-rollback, or a throwaway one when it was never created.
 
     Creating or migrating the real DB would be a change, which a dry run must not make.
@@ -459,6 +459,3 @@ class _dry_run_state:
             self.engine.dispose()
         if self.tmp is not None:
             self.tmp.cleanup()
-
-
-__all__ = ["AudsyncError", "SyncOutcome", "run_sync"]
