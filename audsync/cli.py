@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from audsync import __version__, defaults
+from audsync import __version__, defaults, logs
 from audsync.config import Config, load_config
 from audsync.errors import (
     EXIT_FAILED,
@@ -87,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level",
         default=_env_default("AUDSYNC_LOG_LEVEL", "INFO"),
         help="DEBUG, INFO, WARNING or ERROR (env AUDSYNC_LOG_LEVEL)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=["human", "json"],
+        default=_env_default("AUDSYNC_LOG_FORMAT", "human"),
+        help="human lines, or one JSON object per line for log shippers (env AUDSYNC_LOG_FORMAT)",
     )
     parser.add_argument("--version", action="version", version=f"audsync {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -162,11 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0) and EXIT_USAGE
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger().setLevel(getattr(logging, str(args.log_level).upper(), logging.INFO))
-    # Request lines and migration chatter are noise at INFO for an operator.
-    for noisy in ("httpx", "httpcore", "alembic", "apscheduler"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logs.configure(str(args.log_level), str(args.log_format))
     token = os.environ.get("AUDSYNC_GLEAP_API_TOKEN")
     try:
         return COMMANDS[args.command](args)
@@ -420,7 +422,23 @@ def cmd_check(args: argparse.Namespace) -> int:
         except SQLAlchemyError as exc:
             _error(f"audience {definition.key!r}: query failed: {first_line(exc)}")
             problems += 1
-    return EXIT_FAILED if problems else EXIT_OK
+    if problems:
+        return EXIT_FAILED
+    from audsync.sync import run_sync
+
+    plan = run_sync(config, dry_run=True)
+    rate = f"{config.gleap.rate_limit} calls per {duration(config.gleap.rate_window)}"
+    for result in plan.plans:
+        alone = result.queued * config.gleap.rate_window / config.gleap.rate_limit
+        print(
+            f"{result.kind_label} {result.key}: the next sync would make {result.queued:,}"
+            f" calls (about {duration(alone)} on its own)"
+        )
+    print(
+        f"next sync: {plan.dry_run_calls:,} Identify calls in all (one per changed user),"
+        f" about {duration(plan.dry_run_seconds)} at {rate}"
+    )
+    return EXIT_OK
 
 
 def cmd_db(args: argparse.Namespace) -> int:

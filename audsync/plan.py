@@ -102,6 +102,7 @@ class PlanResult:
     superseded: int = 0
     held: str | None = None
     stats: StreamStats = field(default_factory=StreamStats)
+    kind_label: str = "audience"
 
 
 def plan_definition(
@@ -128,7 +129,7 @@ def plan_definition(
         select(func.count()).select_from(models.ledger).where(models.ledger.c.audience_key == key)
     ).scalar_one()
     mode = choose_mode(ledger_rows, full)
-    result = PlanResult(key=key, mode=mode)
+    result = PlanResult(key=key, mode=mode, kind_label=definition.kind)
 
     load_snapshot(conn, source, definition, chunk_size, result.stats, stop)
     if conn.dialect.name == "postgresql":
