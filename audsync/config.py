@@ -137,6 +137,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     definitions: tuple[Definition, ...] = ()
+    alert_webhook_url: str | None = None
 
     def require_token(self) -> str:
         """The API token, or a ConfigError saying where to put it."""
@@ -191,6 +192,7 @@ _SECTIONS: dict[str, dict[str, str]] = {
     "source": {"url": "str"},
     "state": {"url": "str", "busy_timeout": "duration"},
     "schedule": {"interval": "duration", "jitter": "duration"},
+    "alerts": {"webhook_url": "str"},
     "sync": {
         "max_attempts": "posint",
         "max_exit_ratio": "ratio",
@@ -272,6 +274,7 @@ def parse_config(raw: Mapping[str, Any], env: Mapping[str, str], path: str) -> C
         gleap=gleap,
         schedule=ScheduleConfig(**values["schedule"]),
         sync=SyncConfig(**values["sync"]),
+        alert_webhook_url=values["alerts"].get("webhook_url"),
         definitions=definitions,
     )
 

@@ -45,6 +45,7 @@ audiences = Table(
     Column("last_planned_at", DateTime),
     Column("last_success_at", DateTime),
     Column("members", Integer),
+    Column("alert_state", String(20)),  # ok | failing | held: what the webhook last said
 )
 
 ledger = Table(

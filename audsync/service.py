@@ -34,7 +34,7 @@ from apscheduler.triggers.base import BaseTrigger
 from sqlalchemy import Engine, delete, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from audsync import locks, models
+from audsync import alerts, locks, models
 from audsync.clock import utcnow
 from audsync.config import Config
 from audsync.deliver import LeaseLost, deliver, finalize_runs
@@ -242,6 +242,7 @@ class Daemon:
                 source.dispose()
         for message in outcome.errors:
             log.error("%s", message)
+        alerts.notify(self.state, self.config.alert_webhook_url)
         for result in outcome.plans:
             log.info(
                 "planned %s (%s): %d members, %d entered, %d exited, %d changed, %d queued%s",
@@ -313,6 +314,7 @@ class Daemon:
                 log.error("delivery stopped: %s", report.error)
                 if isinstance(report.error, GleapAuthError):
                     close_open_runs(self.state, "failed", str(report.error))
+                    alerts.notify(self.state, self.config.alert_webhook_url)
                 self.stopping.wait(TROUBLE_PAUSE)
             elif report.users == 0:
                 self.stopping.wait(IDLE_POLL)

@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import Engine, delete, func, select
 from sqlalchemy.engine import make_url
 
-from audsync import locks, models
+from audsync import alerts, locks, models
 from audsync.config import Config, Definition
 from audsync.deliver import DeliveryReport, deliver, finalize_runs
 from audsync.errors import AudsyncError, GleapAuthError, LeaseHeld, SourceError
@@ -118,6 +118,7 @@ def run_sync(
             stop=stop,
         )
         deliver_or_hand_over(config, state, client, outcome, wait=wait, stop=stop, echo=echo)
+        alerts.notify(state, config.alert_webhook_url)
         source.dispose()
         return outcome
     finally:

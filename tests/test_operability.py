@@ -61,3 +61,94 @@ def test_check_reports_the_next_sync(
         in out
     )
     assert gleap.calls("/admin/identify") == []  # check sends nothing
+
+
+@pytest.mark.parametrize(
+    ("previous", "status", "state"),
+    [
+        (None, "succeeded", None),  # never alerted and fine: quiet
+        ("ok", "partial", None),
+        (None, "failed", "failing"),
+        ("ok", "failed", "failing"),
+        ("failing", "failed", None),  # still failing: no repeat
+        ("failing", "succeeded", "ok"),  # recovered
+        ("held", "partial", "ok"),
+        ("ok", "held", "held"),
+        ("held", "held", None),
+        ("failing", "held", "held"),
+        ("failing", "interrupted", None),  # says nothing about health
+        ("ok", "delivering", None),
+    ],
+)
+def test_alert_transition(previous: str | None, status: str, state: str | None) -> None:
+    from audsync.alerts import alert_transition
+
+    assert alert_transition(previous, status) == state
+
+
+class Receiver:
+    """A local webhook receiver recording the JSON it is sent."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, HTTPServer
+
+        received = self.received = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                received.append(json.loads(self.rfile.read(length)))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_webhook_fires_once_when_failing_and_once_when_recovered(
+    make_config: Any,
+    warehouse: Warehouse,
+    gleap: Sandbox,
+    state_url: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    receiver = Receiver()
+    try:
+        for i in range(1, 6):
+            warehouse.add(i, vip=True)
+        body = (
+            '[[audiences]]\nname = "VIP"\nsql = "SELECT id AS user_id FROM people WHERE vip = 1"\n'
+        )
+        path, _ = make_config(body=body, extra=f'[alerts]\nwebhook_url = "{receiver.url}"\n')
+        assert run_cli(capsys, "-c", str(path), "sync")[0] == 0
+        assert receiver.received == []  # healthy from the start: nothing to say
+
+        warehouse.execute("ALTER TABLE people RENAME TO people_gone")
+        assert run_cli(capsys, "-c", str(path), "sync")[0] == 1
+        assert run_cli(capsys, "-c", str(path), "sync")[0] == 1  # still failing
+        assert [(m["audience"], m["event"]) for m in receiver.received] == [("vip", "failing")]
+        assert "no such table" in receiver.received[0]["error"]
+        assert TOKEN not in json.dumps(receiver.received)
+
+        warehouse.execute("ALTER TABLE people_gone RENAME TO people")
+        assert run_cli(capsys, "-c", str(path), "sync")[0] == 0
+        assert run_cli(capsys, "-c", str(path), "sync")[0] == 0
+        assert [m["event"] for m in receiver.received] == ["failing", "recovered"]
+        assert (
+            receiver.received[1]["state"] == "ok" and receiver.received[1]["previous"] == "failing"
+        )
+
+        warehouse.execute("DELETE FROM people")
+        assert run_cli(capsys, "-c", str(path), "sync")[0] == 1
+        assert [m["event"] for m in receiver.received] == ["failing", "recovered", "held"]
+    finally:
+        receiver.close()

@@ -1,0 +1,90 @@
+"""Webhook alerts: one JSON message when an audience starts failing, is held, or recovers.
+
+Once per change of state, not once per run: the last state the webhook was
+told is kept in ``audiences.alert_state``. A webhook that cannot be reached
+is logged and tried again at the next change check; it never fails a sync.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import httpx
+from sqlalchemy import Engine, func, select, update
+
+from audsync import models
+from audsync.clock import utcnow
+from audsync.report import jsonable
+
+log = logging.getLogger("audsync.alerts")
+
+STATE_OF_STATUS = {
+    "succeeded": "ok",
+    "partial": "ok",
+    "failed": "failing",
+    "held": "held",
+}
+"""A finished run's status -> the audience's alert state (other statuses say nothing)."""
+
+
+def alert_transition(previous: str | None, status: str) -> str | None:
+    """The new alert state when a run ends with ``status``, or None when nothing changes.
+
+    An audience that was never alerted on and is fine stays quiet.
+    """
+    state = STATE_OF_STATUS.get(status)
+    if state is None or state == (previous or "ok"):
+        return None
+    return state
+
+
+def notify(engine: Engine, url: str | None, *, timeout: float = 10.0) -> int:
+    """Post one message per audience whose state changed since the last alert."""
+    if not url:
+        return 0
+    r, a = models.sync_runs.c, models.audiences.c
+    with engine.connect() as conn:
+        latest = conn.execute(
+            select(r.id, r.audience_key, r.status, r.error, r.finished_at).where(
+                r.id.in_(
+                    select(func.max(r.id))
+                    .where(r.status.in_(list(STATE_OF_STATUS)), r.audience_key != "*")
+                    .group_by(r.audience_key)
+                )
+            )
+        ).all()
+        known = dict(conn.execute(select(a.key, a.alert_state)).all())
+    sent = 0
+    for run in latest:
+        if run.audience_key not in known:
+            continue
+        previous = known[run.audience_key]
+        state = alert_transition(previous, run.status)
+        if state is None:
+            continue
+        message: dict[str, Any] = {
+            "source": "audsync",
+            "audience": run.audience_key,
+            "state": state,
+            "previous": previous or "ok",
+            "event": "recovered" if state == "ok" else state,
+            "run_id": run.id,
+            "status": run.status,
+            "error": run.error,
+            "at": utcnow(),
+        }
+        try:
+            httpx.post(url, json=jsonable(message), timeout=timeout).raise_for_status()
+        except httpx.HTTPError as exc:
+            # The URL may hold a secret (Slack-style webhooks): name the error only.
+            log.warning(
+                "alert webhook failed (%s); will retry at the next check", type(exc).__name__
+            )
+            continue
+        with engine.begin() as conn:
+            conn.execute(
+                update(models.audiences).where(a.key == run.audience_key).values(alert_state=state)
+            )
+        sent += 1
+    return sent
