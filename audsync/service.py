@@ -49,7 +49,13 @@ from audsync.history import (
 )
 from audsync.source import open_source
 from audsync.state import open_configured
-from audsync.sync import SyncOutcome, deliver_or_hand_over, make_client, plan_all
+from audsync.sync import (
+    SyncOutcome,
+    deliver_or_hand_over,
+    log_run_summaries,
+    make_client,
+    plan_all,
+)
 
 log = logging.getLogger("audsync.service")
 
@@ -242,6 +248,7 @@ class Daemon:
                 source.dispose()
         for message in outcome.errors:
             log.error("%s", message)
+        log_run_summaries(self.state, outcome.run_ids)
         alerts.notify(self.state, self.config.alert_webhook_url)
         for result in outcome.plans:
             log.info(

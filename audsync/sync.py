@@ -6,6 +6,7 @@ and a scheduled one follow exactly the same path.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import tempfile
@@ -36,6 +37,7 @@ from audsync.source import open_source
 from audsync.state import open_configured, open_state
 
 Printer = Callable[[str], None]
+log = logging.getLogger("audsync.sync")
 
 
 @dataclass
@@ -57,6 +59,29 @@ class SyncOutcome:
             bool(self.errors)
             or any(p.held for p in self.plans)
             or bool(self.delivery and self.delivery.error)
+        )
+
+
+def log_run_summaries(state: Engine, run_ids: list[int]) -> None:
+    """One log line per run with its counts, for people and log shippers alike."""
+    for run in sorted(runs(state, ids=run_ids, limit=len(run_ids) or 1), key=lambda r: r["id"]):
+        log.info(
+            "run %d %s (%s): %s; members=%d entered=%d exited=%d changed=%d queued=%d"
+            " delivered=%d failed=%d superseded=%d pending=%d%s",
+            run["id"],
+            run["audience_key"],
+            run["mode"],
+            run["status"],
+            run["members"],
+            run["entered"],
+            run["exited"],
+            run["changed"],
+            run["queued"],
+            run["delivered"],
+            run["failed"],
+            run["superseded"],
+            run["pending"],
+            f" error={run['error']}" if run["error"] else "",
         )
 
 
@@ -118,6 +143,7 @@ def run_sync(
             stop=stop,
         )
         deliver_or_hand_over(config, state, client, outcome, wait=wait, stop=stop, echo=echo)
+        log_run_summaries(state, outcome.run_ids)
         alerts.notify(state, config.alert_webhook_url)
         source.dispose()
         return outcome

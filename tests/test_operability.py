@@ -37,6 +37,9 @@ def test_json_logs_one_object_per_line_and_never_the_token(
     assert all(set(e) >= {"ts", "level", "logger", "message"} for e in entries)
     assert all(e["ts"].endswith("Z") for e in entries)
     assert any("planning vip_customers" in e["message"] for e in entries)
+    summaries = [e["message"] for e in entries if e["message"].startswith("run ")]
+    assert len(summaries) == 3  # one summary line per run, with its counts
+    assert any("vip_customers (initial): succeeded; members=5 entered=5" in s for s in summaries)
     assert TOKEN not in done.stderr + done.stdout
 
 
