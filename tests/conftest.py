@@ -181,3 +181,23 @@ def make_config(
         return path, load_config(str(path))
 
     return make
+
+
+def source_mismatches(gleap: Sandbox, warehouse: Warehouse) -> list[tuple[str, str, Any]]:
+    """Where Gleap differs from the source for the AUDIENCES config: (user, key, held).
+
+    Members must hold ``true``; others ``false`` or nothing (never told);
+    trait holders their value; others ``null`` or nothing.
+    """
+    contacts = gleap.contacts()
+    vip, buyers, revenue = warehouse.members("vip"), warehouse.members("buyer"), warehouse.revenue()
+    wrong = []
+    for user_id in set(contacts) | vip | buyers | set(revenue):
+        contact = contacts.get(user_id, {})
+        for key, members in (("vip_customers", vip), ("buyers", buyers)):
+            held = contact.get(key)
+            if held is not (user_id in members) and not (user_id not in members and held is None):
+                wrong.append((user_id, key, held))
+        if contact.get("revenue") != revenue.get(user_id):
+            wrong.append((user_id, "revenue", contact.get("revenue")))
+    return wrong

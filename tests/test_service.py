@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from apscheduler.schedulers.background import BackgroundScheduler
-from conftest import AUDIENCES, PG_URL, TOKEN, Warehouse, write_config
+from conftest import AUDIENCES, PG_URL, TOKEN, Warehouse, source_mismatches, write_config
 from freezegun import freeze_time
 from helpers import assert_counts_add_up, query
 
@@ -156,17 +156,7 @@ def processes() -> Iterator[list[Process]]:
 
 def truth_reached(gleap: Sandbox, warehouse: Warehouse) -> bool:
     """Gleap holds exactly what the source says (never-members may lack the key)."""
-    contacts = gleap.contacts()
-    vip, buyers, revenue = warehouse.members("vip"), warehouse.members("buyer"), warehouse.revenue()
-    for user_id in set(contacts) | vip | buyers | set(revenue):
-        contact = contacts.get(user_id, {})
-        for key, members in (("vip_customers", vip), ("buyers", buyers)):
-            held = contact.get(key)
-            if held is not (user_id in members) and not (user_id not in members and held is None):
-                return False
-        if contact.get("revenue") != revenue.get(user_id):
-            return False
-    return True
+    return not source_mismatches(gleap, warehouse)
 
 
 def seed(warehouse: Warehouse, users: int) -> None:
