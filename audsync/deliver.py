@@ -35,7 +35,6 @@ from audsync.events import EventKinds, pending_events, queue_event, send_events
 from audsync.gleap import MAX_EVENTS_PER_CALL, GleapClient, PayloadError, identify_bodies
 from audsync.locks import Lease, still_held
 from audsync.plan import PRIORITY_BACKFILL, PRIORITY_ROUTINE
-from audsync.values import JSON_FALSE, JSON_NULL
 
 ACK_BATCH = 64
 """Call results committed per acknowledging transaction, at most."""
@@ -430,74 +429,10 @@ def _ack_all(conn: Connection, changes: list[Change], now: Any) -> list[Change]:
             params,
         )
     }
-    current = []
-    for change in changes:
-        if (change.user_id, change.audience_key) in deleted:
-            current.append(change)
-        else:
-            _requeue_if_stale(conn, change, now)
-    return current
-
-
-def _requeue_if_stale(conn: Connection, change: Change, now: Any) -> None:
-    """A newer plan withdrew this value while its call was in flight.
-
-    Gleap now holds ``change.value`` anyway, so if the newest snapshot wants
-    something else and nothing is queued for the pair, queue that — credited
-    to the audience's newest run — or Gleap would keep a stale value.
-    """
-    o, s = models.outbox.c, models.snapshot.c
-    queued = conn.execute(
-        select(o.version).where(o.audience_key == change.audience_key, o.user_id == change.user_id)
-    ).first()
-    if queued is not None:
-        return
-    wanted = conn.execute(
-        select(s.value, s.contact).where(
-            s.audience_key == change.audience_key, s.user_id == change.user_id
-        )
-    ).first()
-    if wanted is not None:
-        value, contact = wanted.value, wanted.contact
-    else:
-        kind = conn.execute(
-            select(models.audiences.c.kind).where(models.audiences.c.key == change.audience_key)
-        ).scalar()
-        value, contact = (JSON_FALSE if kind == "audience" else JSON_NULL), None
-    if value == change.value:
-        return
-    r = models.sync_runs.c
-    newest = conn.execute(
-        select(r.id)
-        .where(r.audience_key == change.audience_key, r.status.not_in(("held", "failed")))
-        .order_by(r.id.desc())
-        .limit(1)
-    ).scalar()
-    if newest is None:
-        newest = change.run_id
-    conn.execute(
-        insert(models.outbox).values(
-            audience_key=change.audience_key,
-            user_id=change.user_id,
-            value=value,
-            contact=contact,
-            run_id=newest,
-            version=change.version + 1,
-            priority=0,
-            state="pending",
-            attempts=0,
-            queued_at=now,
-        )
-    )
-    conn.execute(
-        update(models.sync_runs)
-        .where(r.id == newest)
-        .values(
-            queued=r.queued + 1,
-            status="delivering",
-            finished_at=None,
-        )
-    )
+    # A row not deleted was overwritten by a newer plan while its call was in
+    # flight (rows marked attempted are never withdrawn), so the newer value
+    # is still queued and goes next; or the user was forgotten meanwhile.
+    return [c for c in changes if (c.user_id, c.audience_key) in deleted]
 
 
 def _reject(conn: Connection, change: Change, result: CallResult, now: Any) -> bool:

@@ -332,17 +332,13 @@ def _fill_changes(conn: Connection, key: str, absent: str, *, full: bool) -> Non
     kind: entered (new member / new trait holder), changed (trait value moved),
     exited (left: ``absent`` is sent), reasserted (full resync of an unchanged value).
     """
-    if conn.dialect.name == "sqlite":
-        conn.exec_driver_sql(
-            "CREATE TEMP TABLE IF NOT EXISTS audsync_changes"
-            " (user_id TEXT PRIMARY KEY, value TEXT NOT NULL, contact TEXT, kind TEXT NOT NULL)"
-        )
-    else:
-        conn.exec_driver_sql(
-            "CREATE TEMP TABLE IF NOT EXISTS audsync_changes"
-            " (user_id TEXT PRIMARY KEY, value TEXT NOT NULL, contact TEXT, kind TEXT NOT NULL)"
-            " ON COMMIT DELETE ROWS"
-        )
+    # PostgreSQL keeps a temp table per connection: empty it at every commit.
+    on_commit = "" if conn.dialect.name == "sqlite" else " ON COMMIT DELETE ROWS"
+    conn.exec_driver_sql(
+        "CREATE TEMP TABLE IF NOT EXISTS audsync_changes"
+        " (user_id TEXT PRIMARY KEY, value TEXT NOT NULL, contact TEXT, kind TEXT NOT NULL)"
+        + on_commit
+    )
     conn.exec_driver_sql("DELETE FROM audsync_changes")
     params = {"k": key, "absent": absent, "full": full}
     conn.execute(
