@@ -143,6 +143,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="the daemon: sync at start, then every interval + jitter")
     run.add_argument("--once", action="store_true", help="do the start-up sync, then exit")
+    run.add_argument(
+        "--metrics-port",
+        type=int,
+        default=_env_default("AUDSYNC_METRICS_PORT"),
+        metavar="PORT",
+        help="serve Prometheus metrics on PORT at /metrics (env AUDSYNC_METRICS_PORT)",
+    )
+    run.add_argument(
+        "--metrics-addr",
+        default=_env_default("AUDSYNC_METRICS_ADDR", "127.0.0.1"),
+        metavar="ADDR",
+        help="address the metrics listen on; 0.0.0.0 for every interface"
+        " (env AUDSYNC_METRICS_ADDR; default 127.0.0.1)",
+    )
 
     demo = sub.add_parser("demo", help="a self-contained demo (no config, no network)")
     demo.add_argument("--users", type=int, default=3000)
@@ -454,7 +468,12 @@ def cmd_db(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from audsync.service import run_daemon
 
-    return run_daemon(_config(args), once=args.once)
+    return run_daemon(
+        _config(args),
+        once=args.once,
+        metrics_port=args.metrics_port,
+        metrics_addr=args.metrics_addr,
+    )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

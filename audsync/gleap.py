@@ -14,7 +14,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, Protocol
 from urllib.parse import quote
 
 import httpx
@@ -159,6 +159,20 @@ class CallOutcome:
     retries: int = 0
 
 
+Outcome = Literal["ok", "rejected", "auth_failed", "throttled", "server_error", "network_error"]
+"""How one HTTP attempt ended, as counted in :class:`ClientStats` and by a :class:`CallObserver`."""
+
+
+class CallObserver(Protocol):
+    """Told about every HTTP attempt and every retry (``audsync run --metrics-port``)."""
+
+    def call(self, endpoint: str, outcome: Outcome) -> None:
+        """One attempt at ``endpoint`` (identify, track, delete_contact, auth) ended so."""
+
+    def retry(self, endpoint: str) -> None:
+        """A failed attempt at ``endpoint`` is tried again after a back-off."""
+
+
 @dataclass
 class ClientStats:
     """Counters of one client's life, for summaries and metrics."""
@@ -170,6 +184,15 @@ class ClientStats:
     retries: int = 0
     server_errors: int = 0
     network_errors: int = 0
+
+
+_STATS_FIELD: dict[str, str] = {
+    "ok": "ok",
+    "rejected": "rejected",
+    "throttled": "throttled",
+    "server_error": "server_errors",
+    "network_error": "network_errors",
+}
 
 
 class GleapClient:
@@ -188,8 +211,10 @@ class GleapClient:
         transport: httpx.BaseTransport | None = None,
         pacer: Pacer | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        observer: CallObserver | None = None,
     ) -> None:
         self._token = token
+        self.observer = observer
         self.max_retries = max_retries
         self.pacer = pacer or Pacer(rate_limit, rate_window)
         self.stats = ClientStats()
@@ -214,7 +239,7 @@ class GleapClient:
 
     def check_token(self) -> None:
         """GET /admin/auth: raise GleapAuthError on 401/403, GleapUnavailable if unreachable."""
-        outcome = self._send("GET", AUTH_PATH, None, paced=False)
+        outcome = self._send("auth", "GET", AUTH_PATH, None, paced=False)
         if not outcome.ok:
             raise GleapUnavailable(
                 f"Gleap answered {outcome.status} to the token check: {outcome.reason}"
@@ -222,21 +247,34 @@ class GleapClient:
 
     def identify(self, body: dict[str, Any], stop: Callable[[], bool] | None = None) -> CallOutcome:
         """POST one Identify Contact body. Raises GleapAuthError / GleapUnavailable."""
-        return self._send("POST", IDENTIFY_PATH, body, params=IDENTIFY_PARAMS, stop=stop)
+        return self._send(
+            "identify", "POST", IDENTIFY_PATH, body, params=IDENTIFY_PARAMS, stop=stop
+        )
 
     def track(self, body: dict[str, Any], stop: Callable[[], bool] | None = None) -> CallOutcome:
         """POST one Track body (up to 100 events) under the same budget as Identify."""
-        return self._send("POST", TRACK_PATH, body, stop=stop)
+        return self._send("track", "POST", TRACK_PATH, body, stop=stop)
 
     def delete_contact(self, user_id: str) -> CallOutcome:
         """DELETE one contact; a 404 (already gone) counts as done."""
-        outcome = self._send("DELETE", CONTACTS_PATH + quote(user_id, safe=""), None, paced=False)
+        outcome = self._send(
+            "delete_contact", "DELETE", CONTACTS_PATH + quote(user_id, safe=""), None, paced=False
+        )
         if not outcome.ok and outcome.status == 404:
             return CallOutcome(ok=True, status=404, retries=outcome.retries)
         return outcome
 
+    def _record(self, endpoint: str, outcome: Outcome) -> None:
+        self.stats.calls += 1
+        field = _STATS_FIELD.get(outcome)
+        if field is not None:
+            setattr(self.stats, field, getattr(self.stats, field) + 1)
+        if self.observer is not None:
+            self.observer.call(endpoint, outcome)
+
     def _send(
         self,
+        endpoint: str,
         method: str,
         path: str,
         body: Any,
@@ -251,26 +289,26 @@ class GleapClient:
         while True:
             if paced and not self.pacer.acquire(stop):
                 raise Interrupted("stopped while waiting for the rate budget")
-            self.stats.calls += 1
             retry_after: float | None = None
             try:
                 response = self._http.request(method, path, params=params, content=content)
             except httpx.TransportError as exc:
-                self.stats.network_errors += 1
+                self._record(endpoint, "network_error")
                 last_problem = redact(f"{type(exc).__name__}: {exc}", self._token)
             else:
                 status = response.status_code
                 if 200 <= status < 300:
-                    self.stats.ok += 1
+                    self._record(endpoint, "ok")
                     self.pacer.succeeded()
                     return CallOutcome(ok=True, status=status, retries=failures + throttles)
                 if status in (401, 403):
+                    self._record(endpoint, "auth_failed")
                     raise GleapAuthError(status)
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
                 if status == 429:
                     # Gleap asking us to wait is never a failure and uses up no
                     # retry; only an endless storm ends the call.
-                    self.stats.throttled += 1
+                    self._record(endpoint, "throttled")
                     throttles += 1
                     wait = min(
                         retry_after if retry_after is not None else 1.0,
@@ -284,19 +322,21 @@ class GleapClient:
                     last_problem = f"{throttles} answers of HTTP 429 in a row"
                     break
                 if status < 500:
-                    self.stats.rejected += 1
+                    self._record(endpoint, "rejected")
                     return CallOutcome(
                         ok=False,
                         status=status,
                         reason=self._reason(response),
                         retries=failures + throttles,
                     )
-                self.stats.server_errors += 1
+                self._record(endpoint, "server_error")
                 last_problem = f"HTTP {status}"
             failures += 1
             if failures > self.max_retries:
                 break
             self.stats.retries += 1
+            if self.observer is not None:
+                self.observer.retry(endpoint)
             self._sleep_for(backoff_delay(failures, retry_after), stop)
         raise GleapUnavailable(
             f"Gleap did not accept {method} {path} after {failures + throttles} retries"

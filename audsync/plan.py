@@ -103,6 +103,7 @@ class PlanResult:
     held: str | None = None
     stats: StreamStats = field(default_factory=StreamStats)
     kind_label: str = "audience"
+    seconds: float = 0.0  # wall time of the plan, query included
 
 
 def plan_definition(

@@ -47,6 +47,7 @@ from audsync.history import (
     set_run,
     start_run,
 )
+from audsync.metrics import DEFAULT_METRICS_ADDR, Metrics
 from audsync.source import open_source
 from audsync.state import open_configured
 from audsync.sync import (
@@ -116,8 +117,10 @@ class Daemon:
         state: Engine | None = None,
         install_signals: bool = True,
         scheduler: BaseScheduler | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
+        self.metrics = metrics
         self.client = client or make_client(config)
         self.state = state or open_configured(config)
         self.install_signals = install_signals
@@ -251,6 +254,8 @@ class Daemon:
         log_run_summaries(self.state, outcome.run_ids)
         alerts.notify(self.state, self.config.alert_webhook_url)
         for result in outcome.plans:
+            if self.metrics is not None:
+                self.metrics.planned(result.key, result.seconds)
             log.info(
                 "planned %s (%s): %d members, %d entered, %d exited, %d changed, %d queued%s",
                 result.key,
@@ -390,16 +395,35 @@ def retire_removed(state: Engine, config: Config) -> None:
         finalize_runs(conn)
 
 
-def run_daemon(config: Config, *, once: bool = False) -> int:
-    """Entry point of ``audsync run``; ``once`` does the start-up sync and exits."""
+def run_daemon(
+    config: Config,
+    *,
+    once: bool = False,
+    metrics_port: int | None = None,
+    metrics_addr: str = DEFAULT_METRICS_ADDR,
+) -> int:
+    """Entry point of ``audsync run``; ``once`` does the start-up sync and exits.
+
+    With ``metrics_port`` Prometheus metrics are served there while it runs.
+    """
     config.require_token()
     config.require_source()
-    daemon = Daemon(config)
-    daemon.client.check_token()
-    if once:
-        daemon.stopping.clear()
-        outcome = daemon.plan("startup")
-        deliver_or_hand_over(config, daemon.state, daemon.client, outcome, echo=log.info)
+    state = open_configured(config)
+    metrics = Metrics(state, config) if metrics_port is not None else None
+    daemon = Daemon(
+        config, state=state, client=make_client(config, observer=metrics), metrics=metrics
+    )
+    try:
+        daemon.client.check_token()
+        if metrics is not None and metrics_port is not None:
+            metrics.serve(metrics_port, metrics_addr)
+        if once:
+            daemon.stopping.clear()
+            outcome = daemon.plan("startup")
+            deliver_or_hand_over(config, daemon.state, daemon.client, outcome, echo=log.info)
+            return 1 if outcome.failed or (outcome.delivery and outcome.delivery.error) else 0
+        return daemon.run()
+    finally:
         daemon.client.close()
-        return 1 if outcome.failed or (outcome.delivery and outcome.delivery.error) else 0
-    return daemon.run()
+        if metrics is not None:
+            metrics.close()

@@ -301,6 +301,7 @@ def _plan_one(
         ).scalar_one()
     run_id = start_run(state, definition.key, trigger, choose_mode(ledger_rows, full))
     outcome.run_ids.append(run_id)
+    started = time.monotonic()
     with state.connect() as conn:
         tx = conn.begin()
         try:
@@ -348,6 +349,7 @@ def _plan_one(
             set_run(conn, run_id, status=status, queued=result.queued, **counts)
             finalize_runs(conn)  # older runs this plan superseded may be complete now
             tx.commit()
+    result.seconds = time.monotonic() - started
     outcome.plans.append(result)
 
 

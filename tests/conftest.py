@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import subprocess
+import sys
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -201,3 +204,61 @@ def source_mismatches(gleap: Sandbox, warehouse: Warehouse) -> list[tuple[str, s
         if contact.get("revenue") != revenue.get(user_id):
             wrong.append((user_id, "revenue", contact.get("revenue")))
     return wrong
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what or condition}")
+
+
+class Process:
+    """``python -m audsync.cli ...`` in its own process, output to a file."""
+
+    def __init__(self, tmp_path: Path, name: str, *argv: str) -> None:
+        self.log = tmp_path / f"{name}.log"
+        env = {**os.environ, "AUDSYNC_GLEAP_API_TOKEN": TOKEN}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "audsync.cli", *argv],
+            stdout=self.log.open("w"),
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 20.0) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def seed(warehouse: Warehouse, users: int) -> None:
+    with warehouse.connect() as db:
+        db.executemany(
+            "INSERT INTO people (id, email, vip, buyer, revenue) VALUES (?, ?, ?, ?, ?)",
+            [
+                (i, f"p{i}@x.io", int(i % 3 == 0), int(i % 2 == 0), float(i) if i % 5 else None)
+                for i in range(1, users + 1)
+            ],
+        )
+
+
+@pytest.fixture
+def processes() -> Iterator[list[Process]]:
+    """Processes a test starts; killed at its end whatever happened."""
+    started: list[Process] = []
+    yield started
+    for process in started:
+        process.stop()

@@ -6,16 +6,23 @@ import datetime as dt
 import math
 import os
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from apscheduler.schedulers.background import BackgroundScheduler
-from conftest import AUDIENCES, PG_URL, TOKEN, Warehouse, source_mismatches, write_config
+from conftest import (
+    AUDIENCES,
+    PG_URL,
+    TOKEN,
+    Process,
+    Warehouse,
+    seed,
+    source_mismatches,
+    wait_for,
+    write_config,
+)
 from freezegun import freeze_time
 from helpers import assert_counts_add_up, query
 
@@ -108,66 +115,9 @@ def test_scheduler_wiring_paused(daemon_config: Path, monkeypatch: pytest.Monkey
 # -- real processes --------------------------------------------------------------
 
 
-def wait_for(condition: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what or condition}")
-
-
-class Process:
-    """``python -m audsync.cli ...`` in its own process, output to a file."""
-
-    def __init__(self, tmp_path: Path, name: str, *argv: str) -> None:
-        self.log = tmp_path / f"{name}.log"
-        env = {**os.environ, "AUDSYNC_GLEAP_API_TOKEN": TOKEN}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "audsync.cli", *argv],
-            stdout=self.log.open("w"),
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-
-    def output(self) -> str:
-        return self.log.read_text()
-
-    def signal(self, sig: int) -> None:
-        self.proc.send_signal(sig)
-
-    def wait(self, timeout: float = 20.0) -> int:
-        return self.proc.wait(timeout)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-@pytest.fixture
-def processes() -> Iterator[list[Process]]:
-    started: list[Process] = []
-    yield started
-    for process in started:
-        process.stop()
-
-
 def truth_reached(gleap: Sandbox, warehouse: Warehouse) -> bool:
     """Gleap holds exactly what the source says (never-members may lack the key)."""
     return not source_mismatches(gleap, warehouse)
-
-
-def seed(warehouse: Warehouse, users: int) -> None:
-    with warehouse.connect() as db:
-        db.executemany(
-            "INSERT INTO people (id, email, vip, buyer, revenue) VALUES (?, ?, ?, ?, ?)",
-            [
-                (i, f"p{i}@x.io", int(i % 3 == 0), int(i % 2 == 0), float(i) if i % 5 else None)
-                for i in range(1, users + 1)
-            ],
-        )
 
 
 def open_runs(state_url: str) -> list[dict[str, Any]]:
