@@ -1,7 +1,8 @@
 """The ``audsync`` command. ``main(argv) -> exit code``.
 
 Exit codes: 0 ok, 1 the work failed, 2 bad usage or bad config (nothing done),
-3 another process holds the lease (only without ``--wait``).
+3 another process holds the lease (only without ``--wait``), 130 stopped by a
+signal (what was not acknowledged stays queued).
 """
 
 from __future__ import annotations
@@ -11,8 +12,12 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -21,13 +26,16 @@ from audsync import __version__, defaults, logs
 from audsync.config import Config, load_config
 from audsync.errors import (
     EXIT_FAILED,
+    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
     AudsyncError,
+    ConfigError,
     GleapError,
     SourceError,
     redact,
 )
+from audsync.progress import PROGRESS_CHOICES, make_progress
 from audsync.report import duration, jsonable, table
 
 if TYPE_CHECKING:
@@ -71,6 +79,16 @@ def _env_default(name: str, fallback: Any = None) -> Any:
     return os.environ.get(name, fallback)
 
 
+def _progress_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--progress",
+        choices=PROGRESS_CHOICES,
+        default=_env_default("AUDSYNC_PROGRESS", "auto"),
+        help="live bars, plain lines every few seconds, or off; auto = bars in a terminal,"
+        " lines otherwise (env AUDSYNC_PROGRESS)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; every option can also be set from an AUDSYNC_* variable."""
     parser = argparse.ArgumentParser(
@@ -109,12 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="wait for other processes' leases and follow delivery to the end",
     )
+    _progress_option(sync)
 
     retry = sub.add_parser(
         "retry-failed", help="queue again the changes Gleap rejected (after max_attempts)"
     )
     retry.add_argument("keys", nargs="*", metavar="KEY", help="audiences/traits (default: all)")
     retry.add_argument("--wait", action="store_true", help="follow the daemon's delivery")
+    _progress_option(retry)
 
     forget = sub.add_parser(
         "forget", help="delete users in Gleap and keep them out of every later sync"
@@ -130,6 +150,25 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_argument("--json", action="store_true")
     history.add_argument(
         "--failures", action="store_true", help="per-user delivery failures instead of runs"
+    )
+
+    report = sub.add_parser(
+        "report", help="write the sync history as one self-contained HTML page with charts"
+    )
+    report.add_argument(
+        "--html",
+        required=True,
+        metavar="FILE",
+        default=_env_default("AUDSYNC_REPORT_HTML"),
+        help="where to write the page (env AUDSYNC_REPORT_HTML)",
+    )
+    report.add_argument("--audience", metavar="KEY", help="only this audience or trait")
+    report.add_argument(
+        "--runs",
+        type=int,
+        default=_env_default("AUDSYNC_REPORT_RUNS", 500),
+        metavar="N",
+        help="runs per audience to draw (env AUDSYNC_REPORT_RUNS; default 500)",
     )
 
     status = sub.add_parser("status", help="backlog, last plans and who is delivering")
@@ -197,7 +236,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         _error("interrupted")
-        return 130
+        return EXIT_INTERRUPTED
+
+
+@contextlib.contextmanager
+def _warm_stop() -> Iterator[threading.Event]:
+    """The first SIGINT/SIGTERM finishes the calls in flight and records every run
+    (warm); a second one exits at once (cold). Nothing is lost either way."""
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        if stopping.is_set():
+            _error("second signal: exiting now; unacknowledged changes stay queued")
+            os._exit(EXIT_INTERRUPTED)
+        stopping.set()
+        log.warning(
+            "%s: finishing the calls in flight (again to exit at once)",
+            signal.Signals(signum).name,
+        )
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stopping
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _interrupted(stopping: threading.Event) -> int:
+    if not stopping.is_set():
+        return EXIT_OK
+    _error("interrupted; changes not yet acknowledged stay queued for the next sync")
+    return EXIT_INTERRUPTED
 
 
 def _error(message: str) -> None:
@@ -212,15 +282,18 @@ def cmd_sync(args: argparse.Namespace) -> int:
     from audsync.sync import run_sync
 
     config = _config(args)
-    outcome = run_sync(
-        config,
-        args.keys,
-        full=args.full,
-        force=args.force,
-        dry_run=args.dry_run,
-        wait=args.wait,
-        echo=lambda line: log.info(line),
-    )
+    with _warm_stop() as stopping, make_progress(args.progress, sys.stdout) as progress:
+        outcome = run_sync(
+            config,
+            args.keys,
+            full=args.full,
+            force=args.force,
+            dry_run=args.dry_run,
+            wait=args.wait,
+            stop=stopping.is_set,
+            echo=lambda line: log.info(line),
+            progress=progress,
+        )
     for message in outcome.errors:
         _error(message)
     if args.dry_run:
@@ -250,7 +323,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
             f"{duration(config.gleap.rate_window)}"
         )
         return EXIT_FAILED if outcome.errors else EXIT_OK
-    return _print_runs(config, outcome, wait=args.wait)
+    code = _print_runs(config, outcome, wait=args.wait)
+    return _interrupted(stopping) or code
 
 
 def _print_runs(config: Config, outcome: SyncOutcome, *, wait: bool) -> int:
@@ -286,11 +360,15 @@ def cmd_retry_failed(args: argparse.Namespace) -> int:
     from audsync.sync import retry_failed
 
     config = _config(args)
-    outcome = retry_failed(config, args.keys, wait=args.wait, echo=print)
+    with _warm_stop() as stopping, make_progress(args.progress, sys.stdout) as progress:
+        outcome = retry_failed(
+            config, args.keys, wait=args.wait, stop=stopping.is_set, echo=print, progress=progress
+        )
     if not outcome.run_ids:
         print("no rejected changes to retry")
         return EXIT_OK
-    return _print_runs(config, outcome, wait=args.wait)
+    code = _print_runs(config, outcome, wait=args.wait)
+    return _interrupted(stopping) or code
 
 
 def cmd_forget(args: argparse.Namespace) -> int:
@@ -330,21 +408,13 @@ def cmd_forget(args: argparse.Namespace) -> int:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    from sqlalchemy import select
-
-    from audsync import models
-    from audsync.history import runs
+    from audsync.history import failures, runs
     from audsync.state import open_for_reading
 
     config = _config(args, require_file=False)
     state = open_for_reading(config)
     if args.failures:
-        f = models.delivery_failures.c
-        query = select(models.delivery_failures).order_by(f.id.desc()).limit(args.limit)
-        if args.audience:
-            query = query.where(f.audience_key == args.audience)
-        with state.connect() as conn:
-            rows = [dict(r._mapping) for r in conn.execute(query)]
+        rows = failures(state, audience=args.audience, limit=args.limit)
         columns = ["id", "run_id", "audience_key", "user_id", "http_status", "reason", "failed_at"]
     else:
         rows = runs(state, audience=args.audience, limit=args.limit)
@@ -355,6 +425,25 @@ def cmd_history(args: argparse.Namespace) -> int:
         print(table(rows, columns))
     else:
         print("no runs recorded yet" if not args.failures else "no delivery failures recorded")
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from audsync.html_report import collect_report, write_report
+    from audsync.state import open_for_reading
+
+    config = _config(args, require_file=False)
+    if args.runs < 1:
+        raise ConfigError("--runs", str(args.runs), "must be at least 1")
+    target = Path(args.html)
+    if not target.parent.is_dir():
+        raise ConfigError("--html", args.html, f"folder {target.parent} does not exist")
+    state = open_for_reading(config)
+    report = collect_report(state, config, audience=args.audience, runs_per_audience=args.runs)
+    if args.audience and not report.audiences:
+        raise ConfigError("--audience", args.audience, "no such audience or trait in the state DB")
+    written = write_report(target, report)
+    print(f"wrote {written} ({len(report.audiences)} audiences and traits)")
     return EXIT_OK
 
 
@@ -505,6 +594,7 @@ COMMANDS = {
     "retry-failed": cmd_retry_failed,
     "forget": cmd_forget,
     "history": cmd_history,
+    "report": cmd_report,
     "status": cmd_status,
     "check": cmd_check,
     "db": cmd_db,

@@ -18,7 +18,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Engine, bindparam, insert, select, text, update
+from sqlalchemy import Connection, Engine, bindparam, func, insert, select, text, update
 
 from audsync import models
 from audsync.clock import utcnow
@@ -110,6 +110,16 @@ def next_users(conn: Connection, limit: int, exclude: Collection[str] = ()) -> l
         if len(users) >= limit:
             break
     return list(dict.fromkeys(users))
+
+
+def pending_user_count(conn: Connection) -> int:
+    """Users with a pending change: the Identify calls still to make (before splits)."""
+    o = models.outbox.c
+    return int(
+        conn.execute(
+            select(func.count(func.distinct(o.user_id))).where(o.state == "pending")
+        ).scalar_one()
+    )
 
 
 def pending_changes(conn: Connection, users: list[str]) -> dict[str, list[Change]]:

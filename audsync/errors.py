@@ -7,7 +7,7 @@
     ├── SourceError                   an audience query failed; names the audience
     ├── StateError                    the state DB is unreachable, locked or too old
     ├── LeaseHeld                     another process holds a lease (exit 3)
-    ├── Interrupted                   a shutdown request stopped the work (nothing lost)
+    ├── Interrupted                   a shutdown request stopped the work (exit 130)
     └── GleapError                    Gleap could not be used
         ├── GleapAuthError            401/403: "Gleap rejected the API token"
         └── GleapUnavailable          429/5xx/network errors outlasted every retry
@@ -22,6 +22,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_LEASE_HELD = 3
+EXIT_INTERRUPTED = 130  # the shell's code for "stopped by SIGINT"
 
 
 class AudsyncError(Exception):
@@ -63,6 +64,8 @@ class LeaseHeld(AudsyncError):
 
 class Interrupted(AudsyncError):
     """A shutdown request stopped the work; whatever was not finished stays queued."""
+
+    exit_code = EXIT_INTERRUPTED
 
 
 class GleapError(AudsyncError):

@@ -137,3 +137,15 @@ def runs(
             0, row["queued"] - row["delivered"] - row["failed"] - row["superseded"]
         )
     return rows
+
+
+def failures(
+    engine: Engine, *, audience: str | None = None, limit: int = 20
+) -> list[dict[str, Any]]:
+    """Per-user delivery failures, newest first."""
+    f = models.delivery_failures.c
+    query = select(models.delivery_failures).order_by(f.id.desc()).limit(limit)
+    if audience:
+        query = query.where(f.audience_key == audience)
+    with engine.connect() as conn:
+        return [dict(r._mapping) for r in conn.execute(query)]

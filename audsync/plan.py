@@ -8,7 +8,7 @@ are pure functions at the top, tested with tables of cases.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -118,11 +118,13 @@ def plan_definition(
     max_exit_ratio: float = 0.5,
     max_attempts: int = 5,
     stop: Callable[[], bool] | None = None,
+    on_rows: Callable[[int], None] | None = None,
 ) -> PlanResult:
     """Snapshot ``definition``'s query and queue its changes, inside ``conn``'s transaction.
 
     When the circuit breaker holds the plan, nothing is queued and
     ``result.held`` says why: the caller must roll the transaction back.
+    ``on_rows`` is told the rows read so far after every chunk of the query.
     """
     key = definition.key
     absent = absent_value(definition)
@@ -132,7 +134,7 @@ def plan_definition(
     mode = choose_mode(ledger_rows, full)
     result = PlanResult(key=key, mode=mode, kind_label=definition.kind)
 
-    load_snapshot(conn, source, definition, chunk_size, result.stats, stop)
+    load_snapshot(conn, source, definition, chunk_size, result.stats, stop, on_rows)
     if conn.dialect.name == "postgresql":
         # Fresh statistics, or the planner takes a million-row snapshot for an
         # empty table and anti-joins it row by row.
@@ -281,10 +283,11 @@ def load_snapshot(
     chunk_size: int,
     stats: StreamStats,
     stop: Callable[[], bool] | None = None,
+    on_rows: Callable[[int], None] | None = None,
 ) -> None:
     """Replace the audience's snapshot with the query's current result."""
     conn.execute(delete(models.snapshot).where(models.snapshot.c.audience_key == definition.key))
-    chunks = stream_snapshot(source, definition, chunk_size, stats, stop)
+    chunks = _reported(stream_snapshot(source, definition, chunk_size, stats, stop), stats, on_rows)
     if conn.dialect.name == "postgresql":
         savepoint = conn.begin_nested()
         try:
@@ -298,8 +301,21 @@ def load_snapshot(
             # collations, mixed types): fall back to insert-or-ignore.
             savepoint.rollback()
         stats.rows = stats.skipped_ids = stats.duplicate_ids = 0
-        chunks = stream_snapshot(source, definition, chunk_size, stats, stop)
+        chunks = _reported(
+            stream_snapshot(source, definition, chunk_size, stats, stop), stats, on_rows
+        )
     _insert_snapshot(conn, definition.key, chunks, stats)
+
+
+def _reported(
+    chunks: Iterator[list[SnapshotRow]],
+    stats: StreamStats,
+    on_rows: Callable[[int], None] | None,
+) -> Iterator[list[SnapshotRow]]:
+    for chunk in chunks:
+        yield chunk
+        if on_rows is not None:
+            on_rows(stats.rows)
 
 
 def _copy_snapshot(conn: Connection, key: str, chunks: Iterable[list[SnapshotRow]]) -> None:

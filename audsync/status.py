@@ -10,6 +10,7 @@ from sqlalchemy import Engine, func, select
 from audsync import models
 from audsync.clock import utcnow
 from audsync.config import Config
+from audsync.deliver import pending_user_count
 from audsync.locks import DELIVER_LEASE, current_holder
 
 DAEMON_STALE_AFTER = 120.0
@@ -42,9 +43,7 @@ def collect_status(engine: Engine, config: Config) -> dict[str, Any]:
                 .group_by(o.audience_key)
             ).all()
         )
-        users = conn.execute(
-            select(func.count(func.distinct(o.user_id))).where(o.state == "pending")
-        ).scalar_one()
+        users = pending_user_count(conn)
         last_runs = {
             row.audience_key: row.status
             for row in conn.execute(

@@ -21,7 +21,7 @@ from sqlalchemy.engine import make_url
 
 from audsync import alerts, locks, models
 from audsync.config import Config, Definition
-from audsync.deliver import DeliveryReport, deliver, finalize_runs
+from audsync.deliver import DeliveryReport, deliver, finalize_runs, pending_user_count
 from audsync.errors import AudsyncError, GleapAuthError, LeaseHeld, SourceError
 from audsync.gleap import GleapClient
 from audsync.history import (
@@ -33,6 +33,7 @@ from audsync.history import (
     start_run,
 )
 from audsync.plan import PlanResult, choose_mode, plan_definition, requeue_failed
+from audsync.progress import Progress
 from audsync.source import open_source
 from audsync.state import open_configured, open_state
 
@@ -112,6 +113,7 @@ def run_sync(
     echo: Printer = lambda line: None,
     client: GleapClient | None = None,
     state: Engine | None = None,
+    progress: Progress | None = None,
 ) -> SyncOutcome:
     """Plan ``keys`` (all when empty) and deliver every pending change.
 
@@ -119,8 +121,9 @@ def run_sync(
     (another process plans one of ``keys`` and ``wait`` is off) or StateError.
     """
     definitions = config.select(keys or [])
+    progress = progress or Progress()
     if dry_run:
-        return _dry_run(config, definitions, full=full, force=force)
+        return _dry_run(config, definitions, full=full, force=force, progress=progress)
     own_client = client is None
     client = client or make_client(config)
     try:
@@ -141,8 +144,11 @@ def run_sync(
             trigger=trigger,
             echo=echo,
             stop=stop,
+            progress=progress,
         )
-        deliver_or_hand_over(config, state, client, outcome, wait=wait, stop=stop, echo=echo)
+        deliver_or_hand_over(
+            config, state, client, outcome, wait=wait, stop=stop, echo=echo, progress=progress
+        )
         log_run_summaries(state, outcome.run_ids)
         alerts.notify(state, config.alert_webhook_url)
         source.dispose()
@@ -157,8 +163,10 @@ def retry_failed(
     keys: list[str] | None = None,
     *,
     wait: bool = False,
+    stop: Callable[[], bool] = lambda: False,
     echo: Printer = lambda line: None,
     client: GleapClient | None = None,
+    progress: Progress | None = None,
 ) -> SyncOutcome:
     """Requeue the changes Gleap rejected (all, or of ``keys``) and deliver them.
 
@@ -183,7 +191,9 @@ def retry_failed(
                 with state.begin() as conn:
                     conn.execute(delete(models.sync_runs).where(models.sync_runs.c.id == run_id))
         if outcome.run_ids:
-            deliver_or_hand_over(config, state, client, outcome, wait=wait, echo=echo)
+            deliver_or_hand_over(
+                config, state, client, outcome, wait=wait, stop=stop, echo=echo, progress=progress
+            )
         return outcome
     finally:
         if own_client:
@@ -204,6 +214,7 @@ def plan_all(
     trigger: str = "manual",
     echo: Printer = lambda line: None,
     stop: Callable[[], bool] | None = None,
+    progress: Progress | None = None,
 ) -> None:
     """Plan each definition under its lease, one transaction each, recording a run per key.
 
@@ -220,6 +231,8 @@ def plan_all(
         skip_held=skip_held,
         echo=echo,
     )
+    progress = progress or Progress()
+    progress.start("planning", "planning", total=len(leases), unit="audiences and traits")
     try:
         with locks.Heartbeat(state, *leases.values()):
             for definition in definitions:
@@ -239,8 +252,11 @@ def plan_all(
                     force=force,
                     trigger=trigger,
                     stop=stop,
+                    progress=progress,
                 )
+                progress.update("planning", len(outcome.run_ids))
     finally:
+        progress.finish("planning")
         for lease in leases.values():
             locks.release(state, lease)
 
@@ -292,6 +308,7 @@ def _plan_one(
     force: bool,
     trigger: str,
     stop: Callable[[], bool] | None = None,
+    progress: Progress,
 ) -> None:
     with state.connect() as conn:
         ledger_rows = conn.execute(
@@ -299,9 +316,14 @@ def _plan_one(
             .select_from(models.ledger)
             .where(models.ledger.c.audience_key == definition.key)
         ).scalar_one()
+        # The last plan's member count is the best guess at how many rows come.
+        expected = conn.execute(
+            select(models.audiences.c.members).where(models.audiences.c.key == definition.key)
+        ).scalar()
     run_id = start_run(state, definition.key, trigger, choose_mode(ledger_rows, full))
     outcome.run_ids.append(run_id)
     started = time.monotonic()
+    on_rows = _query_progress(progress, definition.key, expected)
     with state.connect() as conn:
         tx = conn.begin()
         try:
@@ -316,8 +338,10 @@ def _plan_one(
                 max_exit_ratio=config.sync.max_exit_ratio,
                 max_attempts=config.sync.max_attempts,
                 stop=stop,
+                on_rows=on_rows,
             )
         except SourceError as exc:
+            progress.finish("querying")
             tx.rollback()
             set_run(state, run_id, status="failed", error=str(exc))
             outcome.errors.append(str(exc))
@@ -327,6 +351,8 @@ def _plan_one(
             reason = str(exc) if isinstance(exc, AudsyncError) else type(exc).__name__
             set_run(state, run_id, status="interrupted", error=f"planning did not finish: {reason}")
             raise
+        progress.update("querying", result.stats.rows, total=result.stats.rows)
+        progress.finish("querying")
         counts = {
             "mode": result.mode,
             "members": result.members,
@@ -362,6 +388,7 @@ def deliver_or_hand_over(
     wait: bool = False,
     stop: Callable[[], bool] = lambda: False,
     echo: Printer = lambda line: None,
+    progress: Progress | None = None,
 ) -> None:
     """Deliver everything pending under the delivery lease, or — when a daemon holds
     it — leave the changes to it (following them to the end with ``wait``)."""
@@ -376,11 +403,20 @@ def deliver_or_hand_over(
             f"changes queued; {outcome.handed_over_to} holds the delivery lease and is sending them"
         )
         if wait:
-            _follow(state, outcome.run_ids, stop, echo)
+            _follow(state, outcome.run_ids, stop, echo, progress or Progress())
         return
+    progress = progress or Progress()
     try:
         with state.begin() as conn:
             claim_delivering_runs(conn, socket.gethostname(), os.getpid())
+            users = pending_user_count(conn)
+        progress.start(
+            "delivering",
+            "delivering",
+            total=users,
+            unit="users",
+            budget=config.gleap.rate_limit / config.gleap.rate_window,
+        )
         with locks.Heartbeat(state, lease) as beat:
             report = deliver(
                 state,
@@ -390,7 +426,10 @@ def deliver_or_hand_over(
                 concurrency=config.gleap.concurrency,
                 max_attempts=config.sync.max_attempts,
                 event_kinds=config.event_kinds(),
+                on_progress=lambda r: progress.update("delivering", r.users),
             )
+        progress.update("delivering", report.users)
+        progress.finish("delivering")
         outcome.delivery = report
         if report.error is not None or stop():
             status = "interrupted" if report.error is None else "failed"
@@ -402,22 +441,41 @@ def deliver_or_hand_over(
         locks.release(state, lease)
 
 
-def _follow(state: Engine, run_ids: list[int], stop: Callable[[], bool], echo: Printer) -> None:
+def _follow(
+    state: Engine,
+    run_ids: list[int],
+    stop: Callable[[], bool],
+    echo: Printer,
+    progress: Progress,
+) -> None:
     last = -1
-    while not stop():
-        rows = runs(state, ids=run_ids, limit=len(run_ids) or 1)
-        open_rows = [r for r in rows if r["status"] in models.OPEN_STATUSES]
-        pending = sum(r["pending"] for r in open_rows)
-        if pending != last:
-            echo(f"waiting: {pending} changes still pending")
-            last = pending
-        if not open_rows:
-            return
-        time.sleep(0.5)
+    first: int | None = None
+    try:
+        while not stop():
+            rows = runs(state, ids=run_ids, limit=len(run_ids) or 1)
+            open_rows = [r for r in rows if r["status"] in models.OPEN_STATUSES]
+            pending = sum(r["pending"] for r in open_rows)
+            if first is None:
+                first = pending
+                progress.start("delivering", "delivered by the daemon", total=first, unit="changes")
+            if pending != last:
+                echo(f"waiting: {pending} changes still pending")
+                progress.update("delivering", max(first - pending, 0))
+                last = pending
+            if not open_rows:
+                return
+            time.sleep(0.5)
+    finally:
+        progress.finish("delivering")
 
 
 def _dry_run(
-    config: Config, definitions: tuple[Definition, ...], *, full: bool, force: bool
+    config: Config,
+    definitions: tuple[Definition, ...],
+    *,
+    full: bool,
+    force: bool,
+    progress: Progress,
 ) -> SyncOutcome:
     """Plan inside one transaction that is always rolled back: nothing is written, nothing sent."""
     source = open_source(config.require_source())
@@ -437,22 +495,31 @@ def _dry_run(
                         chunk_size=config.sync.chunk_size,
                         max_exit_ratio=config.sync.max_exit_ratio,
                         max_attempts=config.sync.max_attempts,
+                        on_rows=_query_progress(progress, definition.key, None),
                     )
                 except SourceError as exc:
                     outcome.errors.append(str(exc))
                     continue
+                finally:
+                    progress.finish("querying")
                 outcome.plans.append(result)
-            outcome.dry_run_calls = conn.execute(
-                select(func.count(func.distinct(models.outbox.c.user_id))).where(
-                    models.outbox.c.state == "pending"
-                )
-            ).scalar_one()
+            outcome.dry_run_calls = pending_user_count(conn)
         finally:
             tx.rollback()
     source.dispose()
     g = config.gleap
     outcome.dry_run_seconds = outcome.dry_run_calls * g.rate_window / g.rate_limit
     return outcome
+
+
+def _query_progress(progress: Progress, key: str, expected: int | None) -> Callable[[int], None]:
+    """Start the ``querying`` phase of ``key``; returns what to tell about rows read."""
+    progress.start("querying", f"querying {key}", total=expected or None, unit="rows")
+
+    def on_rows(rows: int) -> None:
+        progress.update("querying", rows, total=max(rows, expected) if expected else None)
+
+    return on_rows
 
 
 class _DryRunState:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TOKEN, Warehouse
+from conftest import TOKEN, Process, Warehouse, source_mismatches, wait_for, write_config
 from helpers import assert_counts_add_up, dump_state, ledger, query, run_cli
 
 from audsync.sandbox import Sandbox
@@ -458,3 +460,40 @@ def test_full_resync_also_retries_parked_users(
     assert run_cli(capsys, "-c", str(path), "sync", "--full")[0] == 0
     assert_gleap_matches_source(gleap, warehouse)
     assert_counts_add_up(state_url)
+
+
+@pytest.mark.slow
+def test_first_sigint_finishes_the_calls_in_flight_and_records_every_run(
+    tmp_path: Path, warehouse: Warehouse, processes: list[Process]
+) -> None:
+    for i in range(1, 201):
+        warehouse.add(i, vip=i % 2 == 0, buyer=True)
+    state_url = f"sqlite:///{tmp_path / 'state.db'}"
+    with Sandbox(TOKEN, rate_limit=20, rate_window=1.0, seed=5) as gleap:
+        path = write_config(
+            tmp_path, base_url=gleap.url, source_url=warehouse.url, state_url=state_url
+        )
+        sync = Process(tmp_path, "sync", "-c", str(path), "sync", "--progress", "lines")
+        processes.append(sync)
+        wait_for(lambda: len(gleap.calls("/admin/identify")) >= 30, what="delivery to start")
+        sync.signal(signal.SIGINT)
+        asked = time.monotonic()
+        assert sync.wait(timeout=15) == 130
+        # Gleap's 429s ask for up to a second's wait: the stop does not sit them out.
+        assert time.monotonic() - asked < 5
+        output = sync.output()
+        assert "SIGINT: finishing the calls in flight" in output
+        assert "interrupted; changes not yet acknowledged stay queued" in output
+        runs = query(state_url, "SELECT audience_key, status FROM sync_runs")
+        assert {r["audience_key"]: r["status"] for r in runs} == {
+            "vip_customers": "interrupted",
+            "buyers": "interrupted",
+            "revenue": "succeeded",  # nobody has revenue: nothing to send
+        }
+        assert query(state_url, "SELECT holder FROM leases WHERE holder IS NOT NULL") == []
+        assert_counts_add_up(state_url)
+
+        again = Process(tmp_path, "again", "-c", str(path), "sync")
+        processes.append(again)
+        assert again.wait(timeout=90) == 0, again.output()
+        assert source_mismatches(gleap, warehouse) == []

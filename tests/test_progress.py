@@ -1,0 +1,205 @@
+"""Progress of `audsync sync`: the pure decisions, the plain lines, and live bars in a terminal."""
+
+from __future__ import annotations
+
+import os
+import pty
+import re
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import TOKEN, Warehouse, write_config
+from helpers import run_cli
+
+from audsync.progress import (
+    LineProgress,
+    PhaseState,
+    choose_display,
+    eta_seconds,
+    observed_rate,
+)
+from audsync.sandbox import Sandbox
+
+
+@pytest.mark.parametrize(
+    ("choice", "terminal", "display"),
+    [
+        ("auto", True, "bars"),
+        ("auto", False, "lines"),
+        ("bars", False, "bars"),
+        ("lines", True, "lines"),
+        ("off", True, "off"),
+    ],
+)
+def test_choose_display(choice: str, terminal: bool, display: str) -> None:
+    assert choose_display(choice, terminal) == display
+
+
+def test_choose_display_rejects_unknown() -> None:
+    with pytest.raises(ValueError, match="auto, bars, lines, off"):
+        choose_display("fancy", True)
+
+
+@pytest.mark.parametrize(
+    ("completed", "elapsed", "done", "rate"),
+    [
+        (0, 10.0, False, None),  # nothing done yet
+        (50, 1.0, False, None),  # too early to trust
+        (50, 1.0, True, 50.0),  # a finished phase has its rate however short
+        (50, 10.0, False, 5.0),
+        (10, 0.0, True, None),
+    ],
+)
+def test_observed_rate(completed: int, elapsed: float, done: bool, rate: float | None) -> None:
+    assert observed_rate(completed, elapsed, done=done) == rate
+
+
+@pytest.mark.parametrize(
+    ("remaining", "rate", "budget", "eta"),
+    [
+        (None, 10.0, 16.0, None),  # unknown total
+        (0, None, 16.0, 0.0),
+        (160, None, 16.0, 10.0),  # no observed rate yet: the budget's pace
+        (160, 32.0, 16.0, 10.0),  # faster than the budget allows: the budget wins
+        (160, 8.0, 16.0, 20.0),  # slower than the budget (Gleap is slow): observed wins
+        (100, 10.0, None, 10.0),  # rows of a query: no budget
+        (100, None, None, None),
+    ],
+)
+def test_eta_seconds(
+    remaining: int | None, rate: float | None, budget: float | None, eta: float | None
+) -> None:
+    assert eta_seconds(remaining, rate, budget) == eta
+
+
+def test_phase_line() -> None:
+    state = PhaseState("delivering", "users", total=1000, completed=250, started=0.0, budget=16.0)
+    assert state.line(10.0) == "delivering: 250/1,000 users (25%), 25.0/s, about 47s left"
+    query = PhaseState("querying vip", "rows", total=None, completed=5000, started=0.0)
+    assert query.line(1.0) == "querying vip: 5,000 rows"
+
+
+def test_line_progress_writes_every_interval_even_while_stalled_and_at_the_end() -> None:
+    now = [0.0]
+    lines: list[str] = []
+    progress = LineProgress(lines.append, interval=5.0, clock=lambda: now[0], ticker=False)
+    progress.start("delivering", "delivering", total=100, unit="users", budget=10.0)
+    now[0] = 3.0
+    progress.update("delivering", 30)
+    progress.tick()
+    assert lines == []  # not yet five seconds
+    now[0] = 5.0
+    progress.tick()
+    assert lines == ["delivering: 30/100 users (30%), 6.0/s, about 12s left"]
+    now[0] = 10.0  # nothing moved: a stall still gets its line
+    progress.tick()
+    assert lines[-1] == "delivering: 30/100 users (30%), 3.0/s, about 23s left"
+    now[0] = 12.0
+    progress.update("delivering", 100)
+    progress.finish("delivering")
+    assert lines[-1] == "delivering: 100/100 users (100%), 8.3/s"
+    progress.update("delivering", 120)  # after the end: ignored
+    now[0] = 30.0
+    progress.tick()
+    assert len(lines) == 3
+    progress.close()
+
+
+@pytest.fixture
+def slow_gleap() -> Any:
+    """A sandbox that lets about 40 calls a second through."""
+    with Sandbox(TOKEN, rate_limit=20, rate_window=0.5, seed=3) as server:
+        yield server
+
+
+def slow_config(tmp_path: Path, gleap: Sandbox, warehouse: Warehouse, users: int) -> Path:
+    for i in range(1, users + 1):
+        warehouse.add(i, vip=True)
+    path = write_config(
+        tmp_path,
+        base_url=gleap.url,
+        source_url=warehouse.url,
+        state_url=f"sqlite:///{tmp_path / 'state.db'}",
+    )
+    # audsync paces itself to what the sandbox allows
+    path.write_text(
+        path.read_text().replace(
+            'rate_limit = 100000\nrate_window = "60s"', 'rate_limit = 40\nrate_window = "1s"'
+        )
+    )
+    return path
+
+
+@pytest.mark.slow
+def test_sync_in_a_pipe_prints_plain_progress_lines(
+    tmp_path: Path,
+    slow_gleap: Sandbox,
+    warehouse: Warehouse,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    path = slow_config(tmp_path, slow_gleap, warehouse, 280)  # about 7 s of delivery
+    monkeypatch.setenv("AUDSYNC_GLEAP_API_TOKEN", TOKEN)
+    code, out, _err = run_cli(capsys, "-c", str(path), "sync", "vip_customers")
+    assert code == 0
+    assert "━" not in out and "\r" not in out  # no bars in a pipe
+    lines = [line for line in out.splitlines() if line.startswith("delivering:")]
+    moving = [
+        m
+        for line in lines
+        if (m := re.match(r"delivering: (\d+)/280 users \(\d+%\), [\d.]+/s, about \d+s left", line))
+    ]
+    assert moving and 0 < int(moving[0].group(1)) < 280
+    assert lines[-1].startswith("delivering: 280/280 users (100%)")
+    assert "querying vip_customers: 280/280 rows (100%)" in out
+    assert "planning: 1/1 audiences and traits (100%)" in out
+
+
+@pytest.mark.slow
+def test_sync_in_a_terminal_draws_live_bars_with_an_eta(
+    tmp_path: Path, slow_gleap: Sandbox, warehouse: Warehouse
+) -> None:
+    path = slow_config(tmp_path, slow_gleap, warehouse, 200)
+    leader, follower = pty.openpty()
+    env = {
+        **os.environ,
+        "AUDSYNC_GLEAP_API_TOKEN": TOKEN,
+        "TERM": "xterm-256color",
+        "COLUMNS": "150",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "audsync.cli", "-c", str(path), "sync", "vip_customers"],
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+        env=env,
+    )
+    os.close(follower)
+    screen = b""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([leader], [], [], 0.5)
+        if ready:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the terminal closed: the process is done
+                break
+            if not chunk:
+                break
+            screen += chunk
+        elif proc.poll() is not None:
+            break
+    os.close(leader)
+    assert proc.wait(timeout=10) == 0
+    raw = screen.decode("utf-8", "replace")
+    assert "\x1b[" in raw  # redrawn in place with escape codes, not printed line by line
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", raw)
+    assert "━" in text  # rich's bar
+    counts = [int(n) for n in re.findall(r"(\d+)/200 users", text)]
+    assert counts[-1] == 200 and any(0 < n < 200 for n in counts)  # it moved
+    assert re.search(r"ETA \d+s", text)
