@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument(
         "--html",
-        required=True,
+        required=_env_default("AUDSYNC_REPORT_HTML") is None,
         metavar="FILE",
         default=_env_default("AUDSYNC_REPORT_HTML"),
         help="where to write the page (env AUDSYNC_REPORT_HTML)",

@@ -169,7 +169,10 @@ def run_demo(users: int = 3000, keep: str | None = None) -> int:
                 print(json.dumps(contacts[user_id], sort_keys=True))
             print(f"\n{len(contacts):,} contacts in the sandbox.")
             if keep:
+                report = folder / "report.html"
+                main(["-c", str(config_path), "report", "--html", str(report)])
                 print(f"Everything is in {folder}; try: audsync -c {config_path} status")
+                print(f"and open {report} in a browser.")
         return 0
     finally:
         if previous_token is None:
