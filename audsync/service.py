@@ -48,6 +48,7 @@ from audsync.history import (
     start_run,
 )
 from audsync.metrics import DEFAULT_METRICS_ADDR, Metrics
+from audsync.plan import ensure_audience
 from audsync.source import open_source
 from audsync.state import open_configured
 from audsync.sync import (
@@ -228,6 +229,8 @@ class Daemon:
             except AudsyncError as exc:
                 log.error("%s", exc)
                 for definition in self.config.definitions:
+                    with self.state.begin() as conn:
+                        ensure_audience(conn, definition)
                     run_id = start_run(self.state, definition.key, trigger, "incremental")
                     set_run(self.state, run_id, status="failed", error=str(exc))
                 return outcome

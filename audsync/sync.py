@@ -32,7 +32,13 @@ from audsync.history import (
     set_run,
     start_run,
 )
-from audsync.plan import PlanResult, choose_mode, plan_definition, requeue_failed
+from audsync.plan import (
+    PlanResult,
+    choose_mode,
+    ensure_audience,
+    plan_definition,
+    requeue_failed,
+)
 from audsync.progress import Progress
 from audsync.source import open_source
 from audsync.state import open_configured, open_state
@@ -320,6 +326,8 @@ def _plan_one(
         expected = conn.execute(
             select(models.audiences.c.members).where(models.audiences.c.key == definition.key)
         ).scalar()
+    with state.begin() as conn:
+        ensure_audience(conn, definition)
     run_id = start_run(state, definition.key, trigger, choose_mode(ledger_rows, full))
     outcome.run_ids.append(run_id)
     started = time.monotonic()

@@ -155,3 +155,31 @@ def test_webhook_fires_once_when_failing_and_once_when_recovered(
         assert [m["event"] for m in receiver.received] == ["failing", "recovered", "held"]
     finally:
         receiver.close()
+
+
+def test_a_new_audience_failing_before_its_first_plan_is_alerted(
+    make_config: Any,
+    warehouse: Warehouse,
+    gleap: Sandbox,
+    state_url: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    receiver = Receiver()
+    try:
+        warehouse.add(1, vip=True)
+        body = '[[audiences]]\nname = "VIP"\nsql = "SELECT id AS user_id FROM nowhere"\n'
+        path, _ = make_config(body=body, extra=f'[alerts]\nwebhook_url = "{receiver.url}"\n')
+        assert run_cli(capsys, "-c", str(path), "sync")[0] == 1
+        assert run_cli(capsys, "-c", str(path), "sync")[0] == 1
+        assert [(m["audience"], m["event"]) for m in receiver.received] == [("vip", "failing")]
+        code, out, _ = run_cli(capsys, "-c", str(path), "status", "--json")
+        assert code == 0
+        vip = json.loads(out)["audiences"][0]
+        assert (vip["key"], vip["members"], vip["last_status"]) == ("vip", None, "failed")
+
+        path.write_text(path.read_text().replace("FROM nowhere", "FROM people"))
+        assert run_cli(capsys, "-c", str(path), "sync")[0] == 0
+        assert [m["event"] for m in receiver.received] == ["failing", "recovered"]
+        assert gleap.contacts()["1"]["vip"] is True
+    finally:
+        receiver.close()
