@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -75,14 +75,36 @@ HISTORY_COLUMNS = [
 ]
 
 
+LOG_FORMATS = ("human", "json")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
 def _env_default(name: str, fallback: Any = None) -> Any:
     return os.environ.get(name, fallback)
+
+
+def _one_of(
+    variable: str, choices: Sequence[str], normalise: Callable[[str], str] = str
+) -> Callable[[str], str]:
+    """Validate a choice; argparse checks ``choices`` on the command line but not on a
+    default taken from the environment, which would otherwise slip through."""
+
+    def check(raw: str) -> str:
+        value = normalise(raw)
+        if value not in choices:
+            raise argparse.ArgumentTypeError(
+                f"{value!r} is not one of {', '.join(choices)} (from the option or {variable})"
+            )
+        return value
+
+    return check
 
 
 def _progress_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--progress",
         choices=PROGRESS_CHOICES,
+        type=_one_of("AUDSYNC_PROGRESS", PROGRESS_CHOICES),
         default=_env_default("AUDSYNC_PROGRESS", "auto"),
         help="live bars, plain lines every few seconds, or off; auto = bars in a terminal,"
         " lines otherwise (env AUDSYNC_PROGRESS)",
@@ -104,11 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level",
         default=_env_default("AUDSYNC_LOG_LEVEL", "INFO"),
+        type=_one_of("AUDSYNC_LOG_LEVEL", LOG_LEVELS, str.upper),
         help="DEBUG, INFO, WARNING or ERROR (env AUDSYNC_LOG_LEVEL)",
     )
     parser.add_argument(
         "--log-format",
-        choices=["human", "json"],
+        choices=LOG_FORMATS,
+        type=_one_of("AUDSYNC_LOG_FORMAT", LOG_FORMATS),
         default=_env_default("AUDSYNC_LOG_FORMAT", "human"),
         help="human lines, or one JSON object per line for log shippers (env AUDSYNC_LOG_FORMAT)",
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,24 @@ CASES: list[tuple[str, dict[str, Any], int, str]] = [
         "Gleap did not accept GET /admin/auth",
     ),
     ("unknown audience key", {"argv": ["sync", "nope"]}, 2, "no audience or trait with key 'nope'"),
+    (
+        "bad progress choice in the environment",
+        {"env": {"AUDSYNC_PROGRESS": "fancy"}},
+        2,
+        "'fancy' is not one of auto, bars, lines, off (from the option or AUDSYNC_PROGRESS)",
+    ),
+    (
+        "bad log format in the environment",
+        {"env": {"AUDSYNC_LOG_FORMAT": "xml"}},
+        2,
+        "'xml' is not one of human, json (from the option or AUDSYNC_LOG_FORMAT)",
+    ),
+    (
+        "bad log level in the environment",
+        {"env": {"AUDSYNC_LOG_LEVEL": "loud"}},
+        2,
+        "'LOUD' is not one of DEBUG, INFO, WARNING, ERROR (from the option or AUDSYNC_LOG_LEVEL)",
+    ),
 ]
 
 
@@ -119,12 +138,15 @@ def test_bad_input(
     else:
         monkeypatch.setenv("AUDSYNC_GLEAP_API_TOKEN", token)
     monkeypatch.setenv("AUDSYNC_GLEAP_MAX_RETRIES", "1")
+    for name, value in setup.get("env", {}).items():
+        monkeypatch.setenv(name, value)
     before = dump_state(state_url) if state_url.startswith("sqlite") else None
     with caplog.at_level(logging.DEBUG):
         result = main(["-c", str(path), *setup.get("argv", ["sync"])])
     out, err = capsys.readouterr()
     assert result == code, err
-    errors = [line for line in err.splitlines() if line.startswith("audsync: error:")]
+    # ours, and argparse's ("audsync sync: error: ...")
+    errors = [line for line in err.splitlines() if re.match(r"audsync( \w+)?: error: ", line)]
     assert any(message in line for line in errors), err
     assert "Traceback" not in err + out
     assert TOKEN not in out + err + caplog.text
