@@ -226,9 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep", metavar="DIR", help="build the demo in DIR and keep it")
 
     sandbox = sub.add_parser("sandbox", help="serve a local Gleap-compatible API for trying things")
-    sandbox.add_argument(
-        "--port", type=int, default=int(_env_default("AUDSYNC_SANDBOX_PORT", 8765))
-    )
+    sandbox.add_argument("--port", type=int, default=_env_default("AUDSYNC_SANDBOX_PORT", 8765))
     sandbox.add_argument("--token", default=_env_default("AUDSYNC_SANDBOX_TOKEN", "sandbox-token"))
     sandbox.add_argument("--rate-limit", type=int, default=defaults.DEFAULT_RATE_LIMIT)
     sandbox.add_argument("--rate-window", type=float, default=defaults.DEFAULT_RATE_WINDOW)

@@ -206,3 +206,17 @@ def test_reading_commands_never_create_the_state_db(
         _, err = capsys.readouterr()
         assert "does not exist yet" in err
     assert not (tmp_path / "nothing.db").exists()
+
+
+def test_a_bad_variable_for_one_command_leaves_the_others_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AUDSYNC_SANDBOX_PORT", "abc")
+    monkeypatch.setenv("AUDSYNC_METRICS_PORT", "abc")
+    monkeypatch.setenv("AUDSYNC_STATE_URL", f"sqlite:///{tmp_path / 'state.db'}")
+    assert main(["db", "upgrade"]) == 0
+    assert main(["sandbox"]) == 2
+    assert "argument --port: invalid int value: 'abc'" in capsys.readouterr().err
+    assert main(["run"]) == 2
+    assert "argument --metrics-port: invalid int value: 'abc'" in capsys.readouterr().err
