@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--metrics-addr",
-        default=_env_default("AUDSYNC_METRICS_ADDR", "127.0.0.1"),
+        default=_env_default("AUDSYNC_METRICS_ADDR", defaults.DEFAULT_METRICS_ADDR),
         metavar="ADDR",
         help="address the metrics listen on; 0.0.0.0 for every interface"
         " (env AUDSYNC_METRICS_ADDR; default 127.0.0.1)",

@@ -88,3 +88,19 @@ GLEAP_CONTACT_FIELDS = frozenset(
 DEFAULT_MAX_THROTTLES = 200
 """429s one call may meet before the run stops: a storm that long means someone
 else is using the whole budget, and the changes wait in the outbox for later."""
+
+DEFAULT_LINE_INTERVAL = 5.0
+"""Seconds between plain progress lines of one phase when output is not a terminal."""
+
+DEFAULT_METRICS_ADDR = "127.0.0.1"
+"""Where the metrics endpoint listens unless told otherwise: this host only."""
+
+DEFAULT_METRICS_CACHE = 10.0
+"""Seconds a reading of the state DB serves scrapes, so a tight scrape loop
+cannot keep a million-row outbox busy with counts."""
+
+DEFAULT_REPORT_RUNS = 500
+"""Runs per audience drawn: about six weeks at the default two-to-three-hour schedule."""
+
+DEFAULT_REPORT_FAILURES = 20
+"""Latest per-user delivery failures listed per audience."""

@@ -23,15 +23,10 @@ from sqlalchemy import Engine, func, select
 
 from audsync import __version__, models
 from audsync.config import Config
+from audsync.defaults import DEFAULT_REPORT_FAILURES, DEFAULT_REPORT_RUNS
 from audsync.history import failures, runs
 from audsync.report import cell, duration
 from audsync.status import collect_status
-
-DEFAULT_REPORT_RUNS = 500
-"""Runs per audience drawn: about six weeks at the default two-to-three-hour schedule."""
-
-DEFAULT_REPORT_FAILURES = 20
-"""Latest per-user delivery failures listed per audience."""
 
 PLANNED_MODES = ("initial", "incremental", "full")
 PROBLEMS = ("failed", "held", "partial", "interrupted")

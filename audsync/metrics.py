@@ -37,18 +37,13 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from audsync import models
 from audsync.config import Config
+from audsync.defaults import DEFAULT_METRICS_ADDR, DEFAULT_METRICS_CACHE
 from audsync.errors import ConfigError
 from audsync.gleap import Outcome
 from audsync.status import collect_status
 
 log = logging.getLogger("audsync.metrics")
 
-DEFAULT_METRICS_ADDR = "127.0.0.1"
-"""Where the metrics endpoint listens unless told otherwise: this host only."""
-
-DEFAULT_METRICS_CACHE = 10.0
-"""Seconds a reading of the state DB serves scrapes, so a tight scrape loop
-cannot keep a million-row outbox busy with counts."""
 
 PLAN_BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600)
 

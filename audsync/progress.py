@@ -34,6 +34,7 @@ from rich.progress import (
 from rich.progress import Progress as RichProgress
 from rich.text import Text
 
+from audsync.defaults import DEFAULT_LINE_INTERVAL
 from audsync.report import duration
 
 Phase = Literal["querying", "planning", "delivering"]
@@ -41,8 +42,6 @@ Display = Literal["bars", "lines", "off"]
 
 PROGRESS_CHOICES = ("auto", "bars", "lines", "off")
 
-DEFAULT_LINE_INTERVAL = 5.0
-"""Seconds between plain progress lines of one phase when output is not a terminal."""
 
 MIN_ELAPSED_FOR_RATE = 2.0
 """Seconds of a phase before its observed rate is trusted over the budget."""

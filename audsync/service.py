@@ -37,6 +37,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from audsync import alerts, locks, models
 from audsync.clock import utcnow
 from audsync.config import Config
+from audsync.defaults import DEFAULT_METRICS_ADDR
 from audsync.deliver import LeaseLost, deliver, finalize_runs
 from audsync.errors import EXIT_OK, AudsyncError, GleapAuthError, Interrupted
 from audsync.gleap import GleapClient
@@ -47,7 +48,7 @@ from audsync.history import (
     set_run,
     start_run,
 )
-from audsync.metrics import DEFAULT_METRICS_ADDR, Metrics
+from audsync.metrics import Metrics
 from audsync.plan import ensure_audience
 from audsync.source import open_source
 from audsync.state import open_configured

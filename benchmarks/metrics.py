@@ -24,7 +24,8 @@ from pathlib import Path
 from sqlalchemy import Engine, create_engine, text
 
 from audsync.config import load_config
-from audsync.metrics import DEFAULT_METRICS_CACHE, StateCollector
+from audsync.defaults import DEFAULT_METRICS_CACHE
+from audsync.metrics import StateCollector
 from audsync.state import open_state
 
 KEYS = ("vip_customers", "buyers", "revenue")
