@@ -23,6 +23,7 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_LEASE_HELD = 3
 EXIT_INTERRUPTED = 130  # the shell's code for "stopped by SIGINT"
+EXIT_BROKEN_PIPE = 141  # the shell's code for "the reader went away" (SIGPIPE)
 
 
 class AudsyncError(Exception):

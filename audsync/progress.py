@@ -88,6 +88,7 @@ class PhaseState:
     completed: int = 0
     started: float = 0.0
     budget: float | None = None  # units per second the rate budget allows
+    timed: bool = True  # False where a rate means nothing (audiences per second)
     ended: float | None = None
 
     @property
@@ -95,6 +96,8 @@ class PhaseState:
         return self.ended is not None
 
     def rate(self, now: float) -> float | None:
+        if not self.timed:
+            return None
         end = now if self.ended is None else self.ended
         return observed_rate(self.completed, end - self.started, done=self.done)
 
@@ -136,10 +139,11 @@ class Progress:
         total: int | None = None,
         unit: str = "rows",
         budget: float | None = None,
+        timed: bool = True,
     ) -> None:
-        """Begin (or begin again) ``phase``."""
+        """Begin (or begin again) ``phase``; ``timed`` off shows no rate or ETA."""
         with self._lock:
-            state = PhaseState(label, unit, total, 0, self.clock(), budget)
+            state = PhaseState(label, unit, total, 0, self.clock(), budget, timed=timed)
             self.phases[phase] = state
             self._started(phase, state)
 
@@ -251,6 +255,12 @@ class _LiveColumn(ProgressColumn):
         return Text(f"ETA {duration(eta)}" if eta is not None else "", style="progress.remaining")
 
 
+class _SyncConsole(Console):
+    def on_broken_pipe(self) -> None:
+        # rich exits the program here; a sync must go on without its reader.
+        self.quiet = True
+
+
 class BarProgress(Progress):
     """Live bars drawn by rich; log lines printed meanwhile appear above them."""
 
@@ -264,7 +274,7 @@ class BarProgress(Progress):
             _LiveColumn("rate", clock),
             _LiveColumn("eta", clock),
             TimeElapsedColumn(),
-            console=Console(file=stream),
+            console=_SyncConsole(file=stream),
         )
         self._tasks: dict[Phase, TaskID] = {}
         self._bars.start()
@@ -294,5 +304,22 @@ def make_progress(choice: str, stream: IO[str]) -> Progress:
     if display == "bars":
         return BarProgress(stream)
     if display == "lines":
-        return LineProgress(lambda line: print(line, file=stream, flush=True))
+        return LineProgress(_quiet_on_broken_pipe(stream))
     return Progress()
+
+
+def _quiet_on_broken_pipe(stream: IO[str]) -> Callable[[str], None]:
+    """Print lines until the reader goes away (``| head``); then stay quiet, for the
+    sync must go on whether or not anyone still reads its progress."""
+    gone = False
+
+    def write(line: str) -> None:
+        nonlocal gone
+        if gone:
+            return
+        try:
+            print(line, file=stream, flush=True)
+        except (BrokenPipeError, ValueError):  # ValueError: the stream was closed
+            gone = True
+
+    return write

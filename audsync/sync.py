@@ -238,7 +238,10 @@ def plan_all(
         echo=echo,
     )
     progress = progress or Progress()
-    progress.start("planning", "planning", total=len(leases), unit="audiences and traits")
+    # Plans take wildly different times: a rate or ETA over them would mislead.
+    progress.start(
+        "planning", "planning", total=len(leases), unit="audiences and traits", timed=False
+    )
     try:
         with locks.Heartbeat(state, *leases.values()):
             for definition in definitions:

@@ -82,6 +82,8 @@ def test_phase_line() -> None:
     assert state.line(10.0) == "delivering: 250/1,000 users (25%), 25.0/s, about 47s left"
     query = PhaseState("querying vip", "rows", total=None, completed=5000, started=0.0)
     assert query.line(1.0) == "querying vip: 5,000 rows"
+    plans = PhaseState("planning", "audiences", total=4, completed=1, started=0.0, timed=False)
+    assert plans.line(30.0) == "planning: 1/4 audiences (25%)"  # no rate, no ETA
 
 
 def test_line_progress_writes_every_interval_even_while_stalled_and_at_the_end() -> None:
@@ -203,3 +205,33 @@ def test_sync_in_a_terminal_draws_live_bars_with_an_eta(
     counts = [int(n) for n in re.findall(r"(\d+)/200 users", text)]
     assert counts[-1] == 200 and any(0 < n < 200 for n in counts)  # it moved
     assert re.search(r"ETA \d+s", text)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("display", ["lines", "bars"])
+def test_a_reader_that_goes_away_does_not_stop_the_sync(
+    display: str, tmp_path: Path, gleap: Sandbox, warehouse: Warehouse
+) -> None:
+    """`audsync sync | head -1`: the sync finishes its work; no traceback."""
+    from conftest import source_mismatches
+    from helpers import query
+
+    for i in range(1, 301):
+        warehouse.add(i, vip=i % 3 == 0, buyer=True, revenue=float(i))
+    state_url = f"sqlite:///{tmp_path / 'state.db'}"
+    path = write_config(tmp_path, base_url=gleap.url, source_url=warehouse.url, state_url=state_url)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "audsync.cli", "-c", str(path), "sync", "--progress", display],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "AUDSYNC_GLEAP_API_TOKEN": TOKEN},
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline()  # read one line, then go away like `head -1`
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141, err
+    assert "Traceback" not in err
+    statuses = {r["status"] for r in query(state_url, "SELECT status FROM sync_runs")}
+    assert statuses == {"succeeded"}
+    assert source_mismatches(gleap, warehouse) == []
