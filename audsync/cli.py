@@ -2,7 +2,8 @@
 
 Exit codes: 0 ok, 1 the work failed, 2 bad usage or bad config (nothing done),
 3 another process holds the lease (only without ``--wait``), 130 stopped by a
-signal (what was not acknowledged stays queued).
+signal (what was not acknowledged stays queued), 141 the reader of the output
+went away (the work itself went on).
 """
 
 from __future__ import annotations
