@@ -147,11 +147,15 @@ def write_config(
     state_extra: str = "",
     extra: str = "",
     name: str = "audsync.toml",
+    rate_limit: int = 100000,
+    rate_window: str = "60s",
+    max_retries: int = 3,
 ) -> Path:
+    """A config file; the defaults leave pacing out of the way and fail fast."""
     path = tmp_path / name
     path.write_text(
-        f'[gleap]\nbase_url = "{base_url}"\nrate_limit = 100000\nrate_window = "60s"\n'
-        f"max_retries = 3\n{gleap_extra}\n"
+        f'[gleap]\nbase_url = "{base_url}"\nrate_limit = {rate_limit}\n'
+        f'rate_window = "{rate_window}"\nmax_retries = {max_retries}\n{gleap_extra}\n'
         f'[source]\nurl = "{source_url}"\n[state]\nurl = "{state_url}"\n{state_extra}\n'
         f"{extra}\n{body}",
         encoding="utf-8",

@@ -117,11 +117,8 @@ def test_429_storm_slows_down_and_never_fails(
             source_url=warehouse.url,
             state_url=state_url,
             body=AUDIENCES,
-        )
-        path.write_text(
-            path.read_text().replace(
-                'rate_limit = 100000\nrate_window = "60s"', 'rate_limit = 200\nrate_window = "1s"'
-            )
+            rate_limit=200,
+            rate_window="1s",
         )
         assert sync_until_ok(path, capsys, attempts=1) == 1
         assert gleap.stats.throttled > 0
@@ -173,11 +170,8 @@ def test_sigkill_at_random_points_under_faults_converges(
             source_url=warehouse.url,
             state_url=state_url,
             body=AUDIENCES,
-        )
-        path.write_text(
-            path.read_text().replace(
-                'rate_limit = 100000\nrate_window = "60s"', 'rate_limit = 300\nrate_window = "1s"'
-            )
+            rate_limit=300,
+            rate_window="1s",
         )
         kills = 0
         for _ in range(8):

@@ -10,13 +10,23 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import AUDIENCES, Process, Warehouse, seed, source_mismatches, wait_for, write_config
+from conftest import (
+    AUDIENCES,
+    TOKEN,
+    Process,
+    Warehouse,
+    seed,
+    source_mismatches,
+    wait_for,
+    write_config,
+)
 from helpers import query, run_cli
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine
 
+from audsync.clock import unix_seconds
 from audsync.config import load_config
-from audsync.metrics import StateCollector, unix_seconds
+from audsync.metrics import StateCollector
 from audsync.sandbox import Sandbox
 from audsync.state import open_state
 
@@ -49,18 +59,16 @@ def test_daemon_metrics_match_what_gleap_and_the_state_db_saw(
     state_url = f"sqlite:///{tmp_path / 'state.db'}"
     # A Gleap that throttles (the client is configured far above its limit)
     # and fails one call in ten: 429s and retries both get counted.
-    with Sandbox(
-        "test-token-5ecr3t-value", rate_limit=40, rate_window=1.0, fail_ratio=0.1, seed=7
-    ) as gleap:
+    with Sandbox(TOKEN, rate_limit=40, rate_window=1.0, fail_ratio=0.1, seed=7) as gleap:
         path = write_config(
             tmp_path,
             base_url=gleap.url,
             source_url=warehouse.url,
             state_url=state_url,
             body=AUDIENCES,
+            # Enough retries that no call gives up: every 5xx is then retried once.
+            max_retries=10,
         )
-        # Enough retries that no call gives up: every 5xx is then retried once.
-        path.write_text(path.read_text().replace("max_retries = 3", "max_retries = 10"))
         daemon = Process(tmp_path, "daemon", "-c", str(path), "run", "--metrics-port", "0")
         processes.append(daemon)
         match = wait_for(

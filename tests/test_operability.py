@@ -48,11 +48,7 @@ def test_check_reports_the_next_sync(
 ) -> None:
     for i in range(1, 11):
         warehouse.add(i, vip=i <= 4, buyer=True)
-    path, _ = make_config(gleap_extra="")
-    text = path.read_text().replace(
-        'rate_limit = 100000\nrate_window = "60s"', 'rate_limit = 1000\nrate_window = "60s"'
-    )
-    path.write_text(text)
+    path, _ = make_config(rate_limit=1000)
     code, out, err = run_cli(capsys, "-c", str(path), "check")
     assert code == 0, err
     assert "token accepted" in out

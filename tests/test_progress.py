@@ -127,12 +127,9 @@ def slow_config(tmp_path: Path, gleap: Sandbox, warehouse: Warehouse, users: int
         base_url=gleap.url,
         source_url=warehouse.url,
         state_url=f"sqlite:///{tmp_path / 'state.db'}",
-    )
-    # audsync paces itself to what the sandbox allows
-    path.write_text(
-        path.read_text().replace(
-            'rate_limit = 100000\nrate_window = "60s"', 'rate_limit = 40\nrate_window = "1s"'
-        )
+        # audsync paces itself to what the sandbox allows
+        rate_limit=40,
+        rate_window="1s",
     )
     return path
 

@@ -207,11 +207,9 @@ def test_sigterm_mid_delivery_then_restart_loses_nothing(
             state_url=state_url,
             body=AUDIENCES,
             extra='[schedule]\ninterval = "1h"\njitter = "0s"\n',
-            gleap_extra="",
+            # 100 calls/s: the start-up sync of ~240 users takes a few seconds.
+            rate_limit=6000,
         )
-        # 100 calls/s: the start-up sync of ~240 users takes a few seconds.
-        text = path.read_text().replace("rate_limit = 100000", "rate_limit = 6000")
-        path.write_text(text)
         daemon = Process(tmp_path, "daemon", "-c", str(path), "run")
         processes.append(daemon)
         wait_for(lambda: len(gleap.contacts()) > 40, what="delivery to start")
@@ -260,8 +258,8 @@ def test_two_daemons_on_postgres_one_delivers_and_the_other_takes_over(
             state_url=pg_url,
             body=AUDIENCES,
             extra='[schedule]\ninterval = "1h"\njitter = "0s"\n[sync]\nlease_ttl = "3s"\n',
+            rate_limit=6000,
         )
-        path.write_text(path.read_text().replace("rate_limit = 100000", "rate_limit = 6000"))
         first = Process(tmp_path, "first", "-c", str(path), "run")
         processes.append(first)
         wait_for(lambda: "holding the delivery lease" in first.output(), what="first lease")
