@@ -11,6 +11,13 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
+def unix_seconds(moment: dt.datetime | None) -> float | None:
+    """A naive UTC time (as the state DB stores it) as unix seconds."""
+    if moment is None:
+        return None
+    return moment.replace(tzinfo=dt.UTC).timestamp()
+
+
 def wall() -> float:
     """Unix seconds, for lease expiry (comparable across hosts)."""
     return time.time()

@@ -22,6 +22,7 @@ from typing import Any
 from sqlalchemy import Engine, func, select
 
 from audsync import __version__, models
+from audsync.clock import unix_seconds, utcnow
 from audsync.config import Config
 from audsync.defaults import DEFAULT_REPORT_FAILURES, DEFAULT_REPORT_RUNS
 from audsync.history import failures, runs
@@ -102,7 +103,7 @@ def collect_report(
         )
     g = config.gleap
     return Report(
-        generated_at=now or dt.datetime.now(dt.UTC).replace(tzinfo=None),
+        generated_at=now or utcnow(),
         audiences=audiences,
         pending_users=status["pending_users"],
         eta_seconds=status["eta_seconds"],
@@ -158,14 +159,10 @@ def planned_runs(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def member_points(
-    runs: Sequence[dict[str, Any]], width: float, height: float
+    planned: Sequence[dict[str, Any]], top: float, width: float, height: float
 ) -> list[tuple[float, float, dict[str, Any]]]:
-    """(x, y, run) for each finished plan, x by time, y by members from zero up."""
-    planned = planned_runs(runs)
-    if not planned:
-        return []
-    times = [r["started_at"].timestamp() for r in planned]
-    top = nice_ceiling(max(r["members"] for r in planned))
+    """(x, y, run) for each plan, x by time, y by members from zero to ``top``."""
+    times = [unix_seconds(r["started_at"]) or 0.0 for r in planned]
     return [
         (
             scale(t, times[0], times[-1], MARGIN_LEFT, width - 8),
@@ -202,10 +199,11 @@ def members_chart(
     runs: Sequence[dict[str, Any]], width: float = CHART_WIDTH, height: float = CHART_HEIGHT
 ) -> str:
     """Members over time as an SVG line chart; held plans are red rings."""
-    points = member_points(runs, width, height)
-    if not points:
+    planned = planned_runs(runs)
+    if not planned:
         return '<p class="empty">No plan has finished yet.</p>'
-    top = nice_ceiling(max(r["members"] for _, _, r in points))
+    top = nice_ceiling(max(r["members"] for r in planned))
+    points = member_points(planned, top, width, height)
     parts = [_svg_open(width, height, "members over time")]
     parts += _axes(width, height, top, _when(points[0][2]), _when(points[-1][2]))
     kept = [(x, y) for x, y, r in points if r["status"] != "held"]

@@ -21,8 +21,6 @@ second daemon does part of the work. Every name starts with ``audsync_``::
 
 from __future__ import annotations
 
-import calendar
-import datetime as dt
 import logging
 import threading
 import time
@@ -36,6 +34,7 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from audsync import models
+from audsync.clock import unix_seconds
 from audsync.config import Config
 from audsync.defaults import DEFAULT_METRICS_ADDR, DEFAULT_METRICS_CACHE
 from audsync.errors import ConfigError
@@ -46,13 +45,6 @@ log = logging.getLogger("audsync.metrics")
 
 
 PLAN_BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600)
-
-
-def unix_seconds(moment: dt.datetime | None) -> float | None:
-    """Naive UTC (as the state DB stores it) to unix seconds."""
-    if moment is None:
-        return None
-    return calendar.timegm(moment.utctimetuple()) + moment.microsecond / 1e6
 
 
 class StateCollector(Collector):
