@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -113,44 +114,44 @@ class Receiver:
         self.server.server_close()
 
 
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    hook = Receiver()
+    yield hook
+    hook.close()
+
+
 def test_webhook_fires_once_when_failing_and_once_when_recovered(
     make_config: Any,
     warehouse: Warehouse,
     gleap: Sandbox,
     state_url: str,
     capsys: pytest.CaptureFixture[str],
+    receiver: Receiver,
 ) -> None:
-    receiver = Receiver()
-    try:
-        for i in range(1, 6):
-            warehouse.add(i, vip=True)
-        body = (
-            '[[audiences]]\nname = "VIP"\nsql = "SELECT id AS user_id FROM people WHERE vip = 1"\n'
-        )
-        path, _ = make_config(body=body, extra=f'[alerts]\nwebhook_url = "{receiver.url}"\n')
-        assert run_cli(capsys, "-c", str(path), "sync")[0] == 0
-        assert receiver.received == []  # healthy from the start: nothing to say
+    for i in range(1, 6):
+        warehouse.add(i, vip=True)
+    body = '[[audiences]]\nname = "VIP"\nsql = "SELECT id AS user_id FROM people WHERE vip = 1"\n'
+    path, _ = make_config(body=body, extra=f'[alerts]\nwebhook_url = "{receiver.url}"\n')
+    assert run_cli(capsys, "-c", str(path), "sync")[0] == 0
+    assert receiver.received == []  # healthy from the start: nothing to say
 
-        warehouse.execute("ALTER TABLE people RENAME TO people_gone")
-        assert run_cli(capsys, "-c", str(path), "sync")[0] == 1
-        assert run_cli(capsys, "-c", str(path), "sync")[0] == 1  # still failing
-        assert [(m["audience"], m["event"]) for m in receiver.received] == [("vip", "failing")]
-        assert "no such table" in receiver.received[0]["error"]
-        assert TOKEN not in json.dumps(receiver.received)
+    warehouse.execute("ALTER TABLE people RENAME TO people_gone")
+    assert run_cli(capsys, "-c", str(path), "sync")[0] == 1
+    assert run_cli(capsys, "-c", str(path), "sync")[0] == 1  # still failing
+    assert [(m["audience"], m["event"]) for m in receiver.received] == [("vip", "failing")]
+    assert "no such table" in receiver.received[0]["error"]
+    assert TOKEN not in json.dumps(receiver.received)
 
-        warehouse.execute("ALTER TABLE people_gone RENAME TO people")
-        assert run_cli(capsys, "-c", str(path), "sync")[0] == 0
-        assert run_cli(capsys, "-c", str(path), "sync")[0] == 0
-        assert [m["event"] for m in receiver.received] == ["failing", "recovered"]
-        assert (
-            receiver.received[1]["state"] == "ok" and receiver.received[1]["previous"] == "failing"
-        )
+    warehouse.execute("ALTER TABLE people_gone RENAME TO people")
+    assert run_cli(capsys, "-c", str(path), "sync")[0] == 0
+    assert run_cli(capsys, "-c", str(path), "sync")[0] == 0
+    assert [m["event"] for m in receiver.received] == ["failing", "recovered"]
+    assert receiver.received[1]["state"] == "ok" and receiver.received[1]["previous"] == "failing"
 
-        warehouse.execute("DELETE FROM people")
-        assert run_cli(capsys, "-c", str(path), "sync")[0] == 1
-        assert [m["event"] for m in receiver.received] == ["failing", "recovered", "held"]
-    finally:
-        receiver.close()
+    warehouse.execute("DELETE FROM people")
+    assert run_cli(capsys, "-c", str(path), "sync")[0] == 1
+    assert [m["event"] for m in receiver.received] == ["failing", "recovered", "held"]
 
 
 def test_a_new_audience_failing_before_its_first_plan_is_alerted(
@@ -159,23 +160,20 @@ def test_a_new_audience_failing_before_its_first_plan_is_alerted(
     gleap: Sandbox,
     state_url: str,
     capsys: pytest.CaptureFixture[str],
+    receiver: Receiver,
 ) -> None:
-    receiver = Receiver()
-    try:
-        warehouse.add(1, vip=True)
-        body = '[[audiences]]\nname = "VIP"\nsql = "SELECT id AS user_id FROM nowhere"\n'
-        path, _ = make_config(body=body, extra=f'[alerts]\nwebhook_url = "{receiver.url}"\n')
-        assert run_cli(capsys, "-c", str(path), "sync")[0] == 1
-        assert run_cli(capsys, "-c", str(path), "sync")[0] == 1
-        assert [(m["audience"], m["event"]) for m in receiver.received] == [("vip", "failing")]
-        code, out, _ = run_cli(capsys, "-c", str(path), "status", "--json")
-        assert code == 0
-        vip = json.loads(out)["audiences"][0]
-        assert (vip["key"], vip["members"], vip["last_status"]) == ("vip", None, "failed")
+    warehouse.add(1, vip=True)
+    body = '[[audiences]]\nname = "VIP"\nsql = "SELECT id AS user_id FROM nowhere"\n'
+    path, _ = make_config(body=body, extra=f'[alerts]\nwebhook_url = "{receiver.url}"\n')
+    assert run_cli(capsys, "-c", str(path), "sync")[0] == 1
+    assert run_cli(capsys, "-c", str(path), "sync")[0] == 1
+    assert [(m["audience"], m["event"]) for m in receiver.received] == [("vip", "failing")]
+    code, out, _ = run_cli(capsys, "-c", str(path), "status", "--json")
+    assert code == 0
+    vip = json.loads(out)["audiences"][0]
+    assert (vip["key"], vip["members"], vip["last_status"]) == ("vip", None, "failed")
 
-        path.write_text(path.read_text().replace("FROM nowhere", "FROM people"))
-        assert run_cli(capsys, "-c", str(path), "sync")[0] == 0
-        assert [m["event"] for m in receiver.received] == ["failing", "recovered"]
-        assert gleap.contacts()["1"]["vip"] is True
-    finally:
-        receiver.close()
+    path.write_text(path.read_text().replace("FROM nowhere", "FROM people"))
+    assert run_cli(capsys, "-c", str(path), "sync")[0] == 0
+    assert [m["event"] for m in receiver.received] == ["failing", "recovered"]
+    assert gleap.contacts()["1"]["vip"] is True
