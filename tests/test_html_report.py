@@ -122,7 +122,8 @@ def test_members_chart_draws_a_line_with_held_plans_as_red_rings() -> None:
     assert len(points) == 3  # the held plan is not part of the line; the failed one is absent
     xs = [x for x, _ in points]
     assert xs == sorted(xs) and xs[0] < xs[-1]
-    assert points[1][1] < points[0][1] < points[2][1] or points[1][1] < points[2][1]
+    # 100, 120, 110 members: SVG's y grows downwards, so 120 is highest on screen
+    assert points[1][1] < points[2][1] < points[0][1]
     assert svg.count('fill="#fff"') == 1  # one red ring: the held plan
     assert "run 3 2026-11-01 10:00: 0 members (held)" in svg
     assert svg.count("<circle") == 4
