@@ -386,18 +386,21 @@ def _fill_changes(conn: Connection, key: str, absent: str, *, full: bool) -> Non
 def ensure_audience(conn: Connection, definition: Definition) -> None:
     """Make ``definition`` known before its first plan, so a brand-new audience whose
     query fails shows in ``status`` and gets its alert (members stay unknown)."""
-    a = models.audiences.c
-    if conn.execute(select(a.key).where(a.key == definition.key)).first() is None:
-        conn.execute(
-            insert(models.audiences).values(
-                key=definition.key,
-                kind=definition.kind,
-                name=definition.name,
-                sql_hash=sql_hash(definition),
-                active=True,
-                created_at=utcnow(),
-            )
-        )
+    # One statement, so two daemons meeting a new audience at once cannot collide.
+    conn.execute(
+        text(
+            "INSERT INTO audiences (key, kind, name, sql_hash, active, created_at)"
+            " VALUES (:key, :kind, :name, :hash, :active, :now) ON CONFLICT (key) DO NOTHING"
+        ),
+        {
+            "key": definition.key,
+            "kind": definition.kind,
+            "name": definition.name,
+            "hash": sql_hash(definition),
+            "active": True,
+            "now": utcnow(),
+        },
+    )
 
 
 def _record_audience(conn: Connection, definition: Definition, members: int) -> None:
