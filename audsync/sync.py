@@ -403,6 +403,7 @@ def deliver_or_hand_over(
 ) -> None:
     """Deliver everything pending under the delivery lease, or — when a daemon holds
     it — leave the changes to it (following them to the end with ``wait``)."""
+    progress = progress or Progress()
     holder = locks.holder_identity()
     lease = locks.acquire(state, locks.DELIVER_LEASE, holder, config.sync.lease_ttl)
     if lease is None:
@@ -414,9 +415,8 @@ def deliver_or_hand_over(
             f"changes queued; {outcome.handed_over_to} holds the delivery lease and is sending them"
         )
         if wait:
-            _follow(state, outcome.run_ids, stop, echo, progress or Progress())
+            _follow(state, outcome.run_ids, stop, echo, progress)
         return
-    progress = progress or Progress()
     try:
         with state.begin() as conn:
             claim_delivering_runs(conn, socket.gethostname(), os.getpid())
