@@ -26,6 +26,12 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 MAX_CUSTOM_KEYS = 35
+
+Answer = tuple[int, dict[str, str], Any]
+"""(status, extra headers, JSON body) of one sandbox answer."""
+
+Fault = Callable[[str, str, Any], "Answer | None"]
+"""(method, path, parsed JSON body or None) -> an answer to send instead, or None."""
 STRING_FIELDS = ("name", "email", "phone", "companyName", "companyId", "lang", "plan")
 TIME_FIELDS = ("createdAt", "lastActivity")
 KNOWN_FIELDS = {"userId", "value", "lastPageView", *STRING_FIELDS, *TIME_FIELDS}
@@ -72,6 +78,13 @@ class Sandbox:
         self.reject_users = set(reject_users or ())
         self.on_identify: Callable[[dict[str, Any]], None] | None = None
         """Called with each valid Identify body before it is stored (for tests)."""
+        self.fault: Fault | None = None
+        """Asked first about every authorised Identify, Track and delete request (for
+        tests): an answer it returns is sent instead of the contract's; it may block
+        to hold a call in flight."""
+        self.trickle: float = 0.0
+        """Seconds between the bytes of each admin answer's body: a server that
+        keeps a connection alive without ever finishing."""
         self.stats = SandboxStats()
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
@@ -213,6 +226,14 @@ class Sandbox:
             return 401, {}, {"error": "Unauthorized"}
         if method == "GET" and path == "/admin/auth":
             return 200, {}, {"ok": True}
+        if self.fault is not None:
+            try:
+                parsed = json.loads(body) if body else None
+            except ValueError:
+                parsed = None
+            answer = self.fault(method, path, parsed)
+            if answer is not None:
+                return answer
         if method == "DELETE" and path.startswith("/admin/contacts/"):
             user_id = unquote(path[len("/admin/contacts/") :])
             with self._lock:
@@ -390,7 +411,16 @@ def _make_handler(sandbox: Sandbox) -> type[BaseHTTPRequestHandler]:
             for name, value in extra.items():
                 self.send_header(name, value)
             self.end_headers()
-            self.wfile.write(data)
+            if sandbox.trickle and not self.path.startswith("/_sandbox/"):
+                try:
+                    for i in range(len(data)):
+                        self.wfile.write(data[i : i + 1])
+                        self.wfile.flush()
+                        time.sleep(sandbox.trickle)
+                except (BrokenPipeError, ConnectionResetError):
+                    return  # the client gave up, as it should
+            else:
+                self.wfile.write(data)
             if not self.path.startswith("/_sandbox/"):
                 sandbox.log(self.command, urlsplit(self.path).path, status, body)
 
