@@ -11,6 +11,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -128,9 +129,15 @@ def test_429_storm_slows_down_and_never_fails(
         assert_converged(gleap, warehouse, state_url)
 
 
-def run_and_kill(path: Path, delay: float, log: Path) -> int | None:
-    """Start `audsync sync` and SIGKILL it after ``delay`` seconds (None if it was killed)."""
+def run_and_kill(path: Path, gleap: Sandbox, calls: int, log: Path) -> int | None:
+    """Start `audsync sync` and SIGKILL it once Gleap has seen ``calls`` more requests
+    from it (None if it was killed; its exit code if it finished first).
+
+    Counting requests, not seconds, puts the kill mid-delivery however slow the
+    machine is: a timed kill on a loaded machine can land before the first call.
+    """
     env = {**os.environ, "AUDSYNC_GLEAP_API_TOKEN": TOKEN}
+    target = gleap.stats.requests + calls
     with log.open("a") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "audsync.cli", "-c", str(path), "sync"],
@@ -138,12 +145,15 @@ def run_and_kill(path: Path, delay: float, log: Path) -> int | None:
             stderr=subprocess.STDOUT,
             env=env,
         )
-        try:
-            return proc.wait(timeout=delay)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            return None
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and gleap.stats.requests < target:
+            assert time.monotonic() < deadline, "the sync made no progress in 120 s"
+            time.sleep(0.005)
+        if proc.poll() is not None:
+            return proc.returncode
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        return None
 
 
 @pytest.mark.parametrize("seed_value", [1, 2, 3, 4, 5, 6, 7, 8])
@@ -175,7 +185,7 @@ def test_sigkill_at_random_points_under_faults_converges(
         )
         kills = 0
         for _ in range(8):
-            if run_and_kill(path, rng.uniform(0.4, 1.6), tmp_path / "sync.log") is None:
+            if run_and_kill(path, gleap, rng.randint(2, 40), tmp_path / "sync.log") is None:
                 kills += 1
             if rng.random() < 0.5:
                 churn(warehouse, rng, users, 8)
