@@ -12,9 +12,11 @@ from typing import Any
 
 import httpx
 from sqlalchemy import Engine, func, select, update
+from sqlalchemy.exc import SQLAlchemyError
 
 from audsync import models
 from audsync.clock import utcnow
+from audsync.errors import describe
 from audsync.report import jsonable
 
 log = logging.getLogger("audsync.alerts")
@@ -40,9 +42,24 @@ def alert_transition(previous: str | None, status: str) -> str | None:
 
 
 def notify(engine: Engine, url: str | None, *, timeout: float = 10.0) -> int:
-    """Post one message per audience whose state changed since the last alert."""
+    """Post one message per audience whose state changed since the last alert.
+
+    Never raises: the daemon calls it between its own jobs, and an alert that
+    cannot go out must not stop the syncing it reports on. Trouble is logged as
+    one line without the URL, and the alert is tried again at the next check.
+    """
     if not url:
         return 0
+    try:
+        return _notify(engine, url, timeout)
+    except SQLAlchemyError as exc:
+        log.warning("alerts not checked: state DB error: %s", describe(exc))
+    except Exception as exc:  # see the docstring: an alert never stops a sync
+        log.warning("alerts not sent (%s); will retry at the next check", type(exc).__name__)
+    return 0
+
+
+def _notify(engine: Engine, url: str, timeout: float) -> int:
     r, a = models.sync_runs.c, models.audiences.c
     with engine.connect() as conn:
         latest = conn.execute(
@@ -76,7 +93,7 @@ def notify(engine: Engine, url: str | None, *, timeout: float = 10.0) -> int:
         }
         try:
             httpx.post(url, json=jsonable(message), timeout=timeout).raise_for_status()
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             # The URL may hold a secret (Slack-style webhooks): name the error only.
             log.warning(
                 "alert webhook failed (%s); will retry at the next check", type(exc).__name__

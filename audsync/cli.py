@@ -35,7 +35,10 @@ from audsync.errors import (
     ConfigError,
     GleapError,
     SourceError,
+    describe,
+    one_line,
     redact,
+    use_secrets,
 )
 from audsync.progress import PROGRESS_CHOICES, make_progress
 from audsync.report import duration, jsonable, table
@@ -246,17 +249,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:
         return int(exc.code or 0) and EXIT_USAGE
     logs.configure(str(args.log_level), str(args.log_format))
-    token = os.environ.get("AUDSYNC_GLEAP_API_TOKEN")
     try:
         return COMMANDS[args.command](args)
     except AudsyncError as exc:
-        _error(redact(str(exc), token))
+        _error(str(exc))
         return exc.exit_code
     except SQLAlchemyError as exc:
-        message = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        message = describe(exc)  # never the statement or its parameters (users' data)
         if "locked" in message.lower():
             message += " (another process kept it busy past [state] busy_timeout; try again)"
-        _error(redact(f"state DB error: {message}", token))
+        _error(f"state DB error: {message}")
         return EXIT_FAILED
     except KeyboardInterrupt:
         _error("interrupted")
@@ -301,11 +303,18 @@ def _interrupted(stopping: threading.Event) -> int:
 
 
 def _error(message: str) -> None:
-    print(f"audsync: error: {message}", file=sys.stderr)
+    """One line on stderr, with every known secret (token, webhook URL) redacted."""
+    safe = one_line(redact(message, os.environ.get("AUDSYNC_GLEAP_API_TOKEN")))
+    print(f"audsync: error: {safe}", file=sys.stderr)
 
 
 def _config(args: argparse.Namespace, *, require_file: bool = True) -> Config:
-    return load_config(args.config, require_file=require_file)
+    config = load_config(args.config, require_file=require_file)
+    # Whatever their source (file or env), the configured secrets are hidden from
+    # every later log line and error message of this process.
+    token = config.gleap.api_token.reveal() if config.gleap.api_token else None
+    use_secrets(token, config.alert_webhook_url)
+    return config
 
 
 def cmd_sync(args: argparse.Namespace) -> int:

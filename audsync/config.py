@@ -8,10 +8,17 @@ file, the key and what is wrong, e.g.::
 Environment variables override the file, section by section:
 ``AUDSYNC_<SECTION>_<KEY>`` (``AUDSYNC_GLEAP_API_TOKEN``, ``AUDSYNC_SOURCE_URL``,
 ``AUDSYNC_STATE_URL``, ``AUDSYNC_SCHEDULE_INTERVAL`` ...).
+
+A value that cannot work is an error here, not a surprise at run time: a
+duration of zero (or under the minimum in :data:`_DURATION_MIN`), a URL that
+does not parse or holds a control character. Secrets (the API token, the
+webhook URL) lose surrounding whitespace — a secrets file saved on Windows
+ends every line in ``\\r`` — and are never echoed in an error.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -19,6 +26,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from audsync import defaults
 from audsync.errors import ConfigError
@@ -62,6 +73,8 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError(f"{value!r} is not a duration")
     if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise ValueError(f"{value!r} is not a duration")
         if value < 0:
             raise ValueError(f"{value!r} is negative")
         return float(value)
@@ -181,18 +194,18 @@ class Config:
 _SECTIONS: dict[str, dict[str, str]] = {
     # key -> kind of value
     "gleap": {
-        "api_token": "str",
-        "base_url": "str",
+        "api_token": "secret",
+        "base_url": "http_url",
         "rate_limit": "posint",
         "rate_window": "duration",
         "timeout": "duration",
         "concurrency": "posint",
         "max_retries": "nonnegint",
     },
-    "source": {"url": "str"},
-    "state": {"url": "str", "busy_timeout": "duration"},
+    "source": {"url": "db_url"},
+    "state": {"url": "db_url", "busy_timeout": "duration"},
     "schedule": {"interval": "duration", "jitter": "duration"},
-    "alerts": {"webhook_url": "str"},
+    "alerts": {"webhook_url": "secret_url"},
     "sync": {
         "max_attempts": "posint",
         "max_exit_ratio": "ratio",
@@ -201,6 +214,16 @@ _SECTIONS: dict[str, dict[str, str]] = {
     },
 }
 _DEFINITION_KEYS = {"name", "key", "sql", "events"}
+
+_DURATION_MIN: dict[str, float] = {
+    # key -> the least value that can work; a key not named here may be 0 (jitter).
+    "gleap.rate_window": 0.0,  # exclusive: any window > 0 paces
+    "gleap.timeout": defaults.MIN_TIMEOUT,
+    "schedule.interval": defaults.MIN_INTERVAL,
+    "sync.lease_ttl": defaults.MIN_LEASE_TTL,
+    "state.busy_timeout": defaults.MIN_BUSY_TIMEOUT,
+}
+_INT_MAX: dict[str, int] = {"gleap.concurrency": defaults.MAX_CONCURRENCY}
 
 
 def resolve_config_path(cli_path: str | None, env: Mapping[str, str]) -> tuple[str, bool]:
@@ -263,8 +286,6 @@ def parse_config(raw: Mapping[str, Any], env: Mapping[str, str], path: str) -> C
     gleap_raw = values["gleap"]
     token = gleap_raw.pop("api_token", None)
     gleap = GleapConfig(api_token=Secret(token) if token is not None else None, **gleap_raw)
-    if not gleap.base_url.startswith(("http://", "https://")):
-        raise ConfigError(path, "gleap.base_url", f"{gleap.base_url!r} must start with http(s)://")
     definitions = _parse_definitions(raw, path)
     return Config(
         path=path,
@@ -279,14 +300,98 @@ def parse_config(raw: Mapping[str, Any], env: Mapping[str, str], path: str) -> C
     )
 
 
+def _seconds_text(seconds: float) -> str:
+    return f"{seconds * 1000:g}ms" if seconds < 1 else f"{seconds:g}s"
+
+
+def duration_problem(key: str, seconds: float) -> str | None:
+    """Why ``seconds`` cannot work for the duration setting ``key``, or None."""
+    if seconds > defaults.MAX_DURATION:
+        return "must be at most 365d"
+    least = _DURATION_MIN.get(key)
+    if least is None:
+        return None
+    if least == 0.0 and seconds <= 0:
+        return "must be more than 0"
+    if seconds < least:
+        return f"must be at least {_seconds_text(least)}"
+    return None
+
+
+def secret_problem(value: str) -> str | None:
+    """Why a secret (already stripped) cannot be sent in a header or URL, or None.
+
+    The message never contains the value.
+    """
+    if any(not c.isprintable() for c in value):
+        return "contains a control character (the value is not shown)"
+    if not value.isascii():
+        return "contains a non-ASCII character (a typographic quote from a copy-paste?)"
+    return None
+
+
+def http_url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be used as an http(s) endpoint, or None. Never echoes it."""
+    if any(not c.isprintable() or c.isspace() for c in url):
+        return "contains whitespace or a control character (the value is not shown)"
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises ValueError when out of range or not a number
+    except ValueError:
+        return "is not a valid URL"
+    if parts.scheme not in ("http", "https"):
+        return "must start with http:// or https://"
+    if not parts.hostname:
+        return "has no host (expected e.g. https://api.gleap.io)"
+    del port
+    return None
+
+
+def db_url_problem(url: str) -> str | None:
+    """Why ``url`` is not a SQLAlchemy URL, or None. Never echoes it (it may hold a password)."""
+    if any(not c.isprintable() for c in url):
+        return "contains a control character (the value is not shown)"
+    try:
+        make_url(url)
+    except (ArgumentError, ValueError):
+        return (
+            "is not a SQLAlchemy URL (expected e.g. sqlite:///audsync.db or"
+            " postgresql+psycopg://user@host/db)"
+        )
+    return None
+
+
+def _text(value: Any, kind: str) -> str:
+    if not isinstance(value, str):
+        # A secret's value is not echoed even when it has the wrong type.
+        shown = "the value" if kind.startswith("secret") else repr(value)
+        raise ValueError(f"{shown} must be a string")
+    if kind == "str":
+        return value
+    # Surrounding whitespace is never meant: a trailing \r from a file saved on
+    # Windows, a newline from `echo` into a secrets file.
+    text = value.strip()
+    problem = {
+        "secret": secret_problem,
+        "secret_url": lambda v: secret_problem(v) or http_url_problem(v),
+        "http_url": http_url_problem,
+        "db_url": db_url_problem,
+    }[kind](text)
+    if problem is not None:
+        raise ValueError(problem)
+    return text
+
+
 def _coerce(value: Any, kind: str, where: str, key: str) -> Any:
     try:
-        if kind == "str":
-            if not isinstance(value, str):
-                raise ValueError(f"{value!r} must be a string")
-            return value
+        if kind in ("str", "secret", "secret_url", "http_url", "db_url"):
+            return _text(value, kind)
         if kind == "duration":
-            return parse_duration(value)
+            seconds = parse_duration(value)
+            problem = duration_problem(key, seconds)
+            if problem is not None:
+                raise ValueError(f"{value!r} {problem}")
+            return seconds
         if kind in ("posint", "nonnegint"):
             if isinstance(value, bool):
                 raise ValueError(f"{value!r} must be a whole number")
@@ -295,8 +400,13 @@ def _coerce(value: Any, kind: str, where: str, key: str) -> Any:
                 raise ValueError(f"{value!r} must be a whole number")
             if number < (1 if kind == "posint" else 0):
                 raise ValueError(f"{value!r} must be {'positive' if kind == 'posint' else '>= 0'}")
+            most = _INT_MAX.get(key)
+            if most is not None and number > most:
+                raise ValueError(f"{value!r} must be at most {most}")
             return number
         if kind == "ratio":
+            if isinstance(value, bool):
+                raise ValueError(f"{value!r} must be a number")
             ratio = float(value)
             if not 0 < ratio <= 1:
                 raise ValueError(f"{value!r} must be in (0, 1]")

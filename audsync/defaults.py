@@ -64,6 +64,29 @@ DEFAULT_DELIVER_BATCH = 200
 DEFAULT_LEASE_TTL = 60.0
 """A killed holder's lease frees itself after a minute."""
 
+MIN_LEASE_TTL = 1.0
+"""A lease is renewed every ttl/3 by a state-DB write; under a second one slow commit
+(or a SQLite writer waiting its turn) lets the lease lapse mid-delivery."""
+
+MIN_INTERVAL = 1.0
+"""The daemon plans at most once a second: a shorter interval only re-runs every
+query back to back (``interval = 0`` spun at 100 % CPU)."""
+
+MIN_TIMEOUT = 0.1
+"""No request to Gleap (TLS handshake included) completes in under 100 ms, so a
+shorter timeout makes every call fail."""
+
+MIN_BUSY_TIMEOUT = 0.001
+"""SQLite takes its busy timeout in whole milliseconds: below 1 ms it is 0, "fail at
+once on any lock", and a daemon beside a manual sync would fail routinely."""
+
+MAX_DURATION = 365 * 86400.0
+"""No duration setting means more than a year; beyond it timers and timestamps overflow."""
+
+MAX_CONCURRENCY = 256
+"""One thread per call in flight: at Gleap's ~17 calls/s more than a few dozen only
+wait, and thousands of threads exhaust the process."""
+
 MAX_CUSTOM_KEYS_PER_CALL = 35
 """Gleap keeps at most 35 custom attributes per identify."""
 

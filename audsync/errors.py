@@ -13,10 +13,18 @@
         └── GleapUnavailable          429/5xx/network errors outlasted every retry
 
 Messages never contain the API token: every error built from an HTTP exchange
-goes through :func:`redact` first.
+goes through :func:`redact` first, which also knows every secret the config
+loaded (:func:`use_secrets`) in each form a library may print it in.
+:func:`one_line` reduces any exception to one safe line for a log or an
+error message: no traceback, no ``[SQL: ...]``, no ``[parameters: ...]``.
 """
 
 from __future__ import annotations
+
+import json
+import re
+import threading
+from urllib.parse import quote, quote_plus
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -85,9 +93,77 @@ class GleapUnavailable(GleapError):
     """Gleap kept failing (429, 5xx or network errors) past every retry."""
 
 
+_registered: set[str] = set()
+_registered_lock = threading.Lock()
+
+
+def use_secrets(*secrets: str | None) -> None:
+    """The configured secrets: every later :func:`redact` (and log line) hides them.
+
+    Replaces the previous set: one process runs one config (the tests run many).
+    """
+    with _registered_lock:
+        _registered.clear()
+        _registered.update(s for s in secrets if s)
+
+
+def registered_secrets() -> tuple[str, ...]:
+    """The secrets given to :func:`use_secrets` (the configured token, the webhook URL)."""
+    with _registered_lock:
+        return tuple(_registered)
+
+
+def secret_forms(secret: str) -> set[str]:
+    """Every spelling of ``secret`` a message may carry: raw, stripped, as Python's repr
+    escapes it (``tok\\r``, as httpx/h11 quote a bad header), JSON-escaped, URL-encoded."""
+    forms: set[str] = set()
+    for raw in (secret, secret.strip()):
+        if not raw:
+            continue
+        forms.add(raw)
+        for escaped in (repr(raw)[1:-1], ascii(raw)[1:-1], json.dumps(raw)[1:-1]):
+            forms.add(escaped)
+            forms.add(repr(escaped)[1:-1])  # escaped twice: a repr of a message holding a repr
+        forms.add(json.dumps(raw, ensure_ascii=False)[1:-1])
+        forms.add(quote(raw, safe=""))
+        forms.add(quote_plus(raw, safe=""))
+        forms.add(quote(raw))
+    return {form for form in forms if form}
+
+
 def redact(text: str, *secrets: str | None) -> str:
-    """Return ``text`` with every non-empty secret replaced by ``***``."""
-    for secret in secrets:
+    """Return ``text`` with every secret (given, or registered) replaced by ``***``,
+    in each of its :func:`secret_forms`, longest first so no escaped tail survives."""
+    forms: set[str] = set()
+    for secret in (*secrets, *registered_secrets()):
         if secret:
-            text = text.replace(secret, "***")
+            forms |= secret_forms(secret)
+    for form in sorted(forms, key=len, reverse=True):
+        text = text.replace(form, "***")
     return text
+
+
+_SQLALCHEMY_NOISE = re.compile(
+    r"\s*(\[SQL:.*|\[parameters:.*|\(Background on this error at:.*)", re.DOTALL
+)
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line: line breaks and other control characters become spaces."""
+    return " ".join("".join(c if c.isprintable() else " " for c in text).split())
+
+
+def describe(exc: BaseException) -> str:
+    """One safe line about ``exc`` for a log or an error message.
+
+    A SQLAlchemy error says only what its driver said first (``database is
+    locked``), never the statement or its parameters, which hold users' ids,
+    e-mail addresses and values; every registered secret is redacted.
+    """
+    orig = getattr(exc, "orig", None)
+    text = str(orig) if isinstance(orig, BaseException) else str(exc)
+    text = _SQLALCHEMY_NOISE.sub("", text).strip()
+    first = text.splitlines()[0] if text else ""
+    # A driver's DETAIL/HINT lines repeat row values (psycopg: "Key (email)=(...)").
+    first = first.split("DETAIL:")[0].strip()
+    return redact(one_line(first)) or type(exc).__name__

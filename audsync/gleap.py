@@ -20,7 +20,7 @@ from urllib.parse import quote
 import httpx
 
 from audsync import defaults
-from audsync.errors import GleapAuthError, GleapUnavailable, Interrupted, redact
+from audsync.errors import GleapAuthError, GleapUnavailable, Interrupted, one_line, redact
 from audsync.pacing import Pacer
 from audsync.source import INVALID_MARK
 from audsync.values import timestamp
@@ -34,6 +34,8 @@ MAX_EVENTS_PER_CALL = 100
 IDENTIFY_PATH = "/admin/identify"
 IDENTIFY_PARAMS = {"preventLastActivityUpdate": "true"}
 AUTH_PATH = "/admin/auth"
+REASON_CHARS = 500
+"""Characters of Gleap's error text kept in a failure's reason (after redaction)."""
 
 _STANDARD_FIELDS = defaults.GLEAP_CONTACT_FIELDS
 
@@ -294,7 +296,7 @@ class GleapClient:
                 response = self._http.request(method, path, params=params, content=content)
             except httpx.TransportError as exc:
                 self._record(endpoint, "network_error")
-                last_problem = redact(f"{type(exc).__name__}: {exc}", self._token)
+                last_problem = self._network_problem(exc)
             else:
                 status = response.status_code
                 if 200 <= status < 300:
@@ -354,11 +356,25 @@ class GleapClient:
             remaining -= step
 
     def _reason(self, response: httpx.Response) -> str:
-        text = response.text.strip()[:500] or response.reason_phrase
+        # Redact before cutting: a token echoed across the cut would leave its
+        # first half behind. One line, since it lands in logs and tables.
+        text = response.text.strip() or response.reason_phrase
         try:
             data = response.json()
             if isinstance(data, dict):
-                text = str(data.get("error") or data.get("message") or text)[:500]
+                text = str(data.get("error") or data.get("message") or text)
         except ValueError:
             pass
-        return redact(f"HTTP {response.status_code}: {text}", self._token)
+        text = one_line(redact(text, self._token))
+        return f"HTTP {response.status_code}: {text[:REASON_CHARS]}"
+
+    def _network_problem(self, exc: httpx.TransportError) -> str:
+        # A protocol error quotes what it could not send, headers included (an
+        # API token with a stray control character was printed escaped as
+        # 'tok\\r'): only its type is told. Other network errors say what the
+        # socket said ("Connection refused"), redacted and on one line.
+        name = type(exc).__name__
+        if isinstance(exc, httpx.ProtocolError | httpx.UnsupportedProtocol | httpx.ProxyError):
+            return name
+        text = one_line(redact(str(exc), self._token))[:REASON_CHARS]
+        return f"{name}: {text}" if text else name

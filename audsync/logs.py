@@ -1,7 +1,10 @@
 """Log output: human-readable lines by default, one JSON object per line for shippers.
 
-Every record passes through :func:`audsync.errors.redact` with the API token,
-so a message that somehow carried it still shows ``***``.
+Every record passes through :func:`audsync.errors.redact` with the API token
+(from the environment and whatever the config loaded), so a message that
+somehow carried it still shows ``***``. Every record is one line: an
+exception in its arguments or its ``exc_info`` is reduced to
+:func:`audsync.errors.describe` (no traceback, no SQL, no parameters).
 """
 
 from __future__ import annotations
@@ -12,20 +15,42 @@ import logging
 import os
 import sys
 
+from audsync.errors import describe, one_line, redact
+
 HUMAN_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 NOISY_LOGGERS = ("httpx", "httpcore", "alembic", "apscheduler")
 """Request lines and migration chatter are noise at INFO for an operator."""
 
 
+def safe_message(record: logging.LogRecord) -> str:
+    """The record's message as one line with no secret, SQL, parameters or traceback."""
+    args = record.args
+    if isinstance(args, tuple):
+        args = tuple(describe(a) if isinstance(a, BaseException) else a for a in args)
+    elif isinstance(args, BaseException):
+        args = (describe(args),)
+    try:
+        message = str(record.msg) % args if args else str(record.msg)
+    except (TypeError, ValueError):
+        message = record.getMessage()
+    if isinstance(record.msg, BaseException):
+        message = describe(record.msg)
+    if record.exc_info and record.exc_info[1] is not None:
+        # The traceback would be many lines of our code and the driver's text:
+        # the exception's own first line is what an operator needs.
+        message = f"{message}: {describe(record.exc_info[1])}"
+    return one_line(redact(message, os.environ.get("AUDSYNC_GLEAP_API_TOKEN")))
+
+
 class RedactingFilter(logging.Filter):
-    """Replaces the API token in every record's final message."""
+    """Makes every record one safe line: the API token replaced by ``***``, exceptions
+    (in the arguments or as ``exc_info``) reduced to what their driver said first."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        token = os.environ.get("AUDSYNC_GLEAP_API_TOKEN")
-        if token:
-            message = record.getMessage()
-            if token in message:
-                record.msg, record.args = message.replace(token, "***"), None
+        if record.exc_info and record.exc_info[1] is not None:
+            record.audsync_error = describe(record.exc_info[1])
+        record.msg, record.args = safe_message(record), None
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
         return True
 
 
@@ -41,8 +66,11 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        if record.exc_info:
-            entry["error"] = self.formatException(record.exc_info).splitlines()[-1]
+        error = getattr(record, "audsync_error", None)
+        if error is None and record.exc_info and record.exc_info[1] is not None:
+            error = describe(record.exc_info[1])
+        if error is not None:
+            entry["error"] = error
         return json.dumps(entry, ensure_ascii=False)
 
 

@@ -39,7 +39,7 @@ from audsync.clock import utcnow
 from audsync.config import Config
 from audsync.defaults import DEFAULT_METRICS_ADDR
 from audsync.deliver import LeaseLost, deliver, finalize_runs
-from audsync.errors import EXIT_OK, AudsyncError, GleapAuthError, Interrupted
+from audsync.errors import EXIT_OK, AudsyncError, GleapAuthError, Interrupted, describe
 from audsync.gleap import GleapClient
 from audsync.history import (
     claim_delivering_runs,
@@ -250,7 +250,7 @@ class Daemon:
             except Interrupted:
                 log.info("planning stopped by shutdown")
             except (AudsyncError, SQLAlchemyError) as exc:
-                log.error("planning failed: %s", exc)
+                log.error("planning failed: %s", describe(exc))
             finally:
                 source.dispose()
         for message in outcome.errors:
@@ -282,7 +282,7 @@ class Daemon:
             try:
                 lease = locks.acquire(self.state, locks.DELIVER_LEASE, self.holder, ttl)
             except SQLAlchemyError as exc:
-                log.warning("state DB busy while taking the delivery lease: %s", exc)
+                log.warning("state DB busy while taking the delivery lease: %s", describe(exc))
                 lease = None
             if lease is None:
                 self.stopping.wait(max(ttl / 3, 0.2))  # standby: another process delivers
@@ -313,7 +313,7 @@ class Daemon:
                     event_kinds=self.config.event_kinds(),
                 )
             except SQLAlchemyError as exc:
-                log.warning("state DB error while delivering, retrying: %s", exc)
+                log.warning("state DB error while delivering, retrying: %s", describe(exc))
                 self.stopping.wait(IDLE_POLL)
                 continue
             if report.delivered or report.failed:
@@ -373,7 +373,7 @@ class Daemon:
                     )
                 )
         except SQLAlchemyError as exc:
-            log.debug("health record not written: %s", exc)
+            log.debug("health record not written: %s", describe(exc))
 
 
 def retire_removed(state: Engine, config: Config) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from helpers import run_cli
 
 from audsync.config import Secret, load_config, parse_duration
 from audsync.errors import ConfigError
@@ -178,3 +179,162 @@ def test_select_unknown_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no audience or trait with key 'nope'"):
         config.select(["nope"])
     assert [d.key for d in config.select(["total_revenue_180_days"])] == ["total_revenue_180_days"]
+
+
+MINIMAL = '[source]\nurl = "sqlite:///w.db"\n'
+
+# (where the value goes, the TOML or env value, the key named, the problem shown).
+# Each is a value that cannot work: the CLI exits 2 with one line and does nothing.
+BAD_VALUES: list[tuple[str, str, str, str]] = [
+    ("gleap.rate_limit", "0", "gleap.rate_limit", "must be positive"),
+    ("gleap.rate_limit", "-5", "gleap.rate_limit", "must be positive"),
+    ("gleap.concurrency", "0", "gleap.concurrency", "must be positive"),
+    ("gleap.concurrency", "100000", "gleap.concurrency", "at most 256"),
+    ("gleap.max_retries", "-1", "gleap.max_retries", ">= 0"),
+    ("gleap.rate_window", "0", "gleap.rate_window", "must be more than 0"),
+    ("gleap.rate_window", '"0s"', "gleap.rate_window", "must be more than 0"),
+    ("gleap.timeout", "0", "gleap.timeout", "at least 100ms"),
+    ("gleap.timeout", '"10ms"', "gleap.timeout", "at least 100ms"),
+    ("gleap.timeout", "-1", "gleap.timeout", "negative"),
+    ("gleap.timeout", "nan", "gleap.timeout", "not a duration"),
+    ("gleap.timeout", "inf", "gleap.timeout", "not a duration"),
+    ("schedule.interval", "0", "schedule.interval", "at least 1s"),
+    ("schedule.interval", '"1ms"', "schedule.interval", "at least 1s"),
+    ("schedule.interval", '"400d"', "schedule.interval", "at most 365d"),
+    ("schedule.jitter", '"-1s"', "schedule.jitter", "not a duration"),
+    ("sync.lease_ttl", "0", "sync.lease_ttl", "at least 1s"),
+    ("sync.lease_ttl", '"500ms"', "sync.lease_ttl", "at least 1s"),
+    ("sync.chunk_size", "0", "sync.chunk_size", "must be positive"),
+    ("sync.max_attempts", "0", "sync.max_attempts", "must be positive"),
+    ("sync.max_exit_ratio", "0", "sync.max_exit_ratio", "(0, 1]"),
+    ("sync.max_exit_ratio", "true", "sync.max_exit_ratio", "must be a number"),
+    ("state.busy_timeout", "0", "state.busy_timeout", "at least 1ms"),
+    ("state.busy_timeout", '"0.5ms"', "state.busy_timeout", "at least 1ms"),
+    ("gleap.base_url", '"http://"', "gleap.base_url", "has no host"),
+    ("gleap.base_url", '"api.gleap.io"', "gleap.base_url", "must start with http"),
+    ("gleap.base_url", '"https://api. gleap.io"', "gleap.base_url", "whitespace"),
+    ("gleap.base_url", '"https://api.gleap.io:99999"', "gleap.base_url", "not a valid URL"),
+    (
+        "alerts.webhook_url",
+        '"https://hooks.example.com/T0\\nHOOKSECRET"',
+        "alerts.webhook_url",
+        "control character",
+    ),
+    (
+        "alerts.webhook_url",
+        '"hooks.example.com/HOOKSECRET"',
+        "alerts.webhook_url",
+        "must start with http",
+    ),
+    ("gleap.api_token", '"TOKSECRET\\u0001inner"', "gleap.api_token", "control character"),
+    ("gleap.api_token", '"TOKSECRET\\u201c"', "gleap.api_token", "non-ASCII"),
+    ("gleap.api_token", "12345678", "gleap.api_token", "must be a string"),
+    ("source.url", '"not a url"', "source.url", "not a SQLAlchemy URL"),
+    (
+        "state.url",
+        '"postgresql://u:PWSECRET@host:notaport/db"',
+        "state.url",
+        "not a SQLAlchemy URL",
+    ),
+    ("state.url", '"sqlite:///state.db\\u0000"', "state.url", "control character"),
+]
+NEVER_SHOWN = ("HOOKSECRET", "TOKSECRET", "PWSECRET", "12345678")
+
+
+def _toml(key: str, value: str) -> str:
+    section, name = key.split(".")
+    body = MINIMAL if section != "source" else ""
+    return f"{body}[{section}]\n{name} = {value}\n"
+
+
+@pytest.mark.parametrize(("key", "value", "named", "problem"), BAD_VALUES)
+def test_value_that_cannot_work_exits_2_naming_file_and_key(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    key: str,
+    value: str,
+    named: str,
+    problem: str,
+) -> None:
+    monkeypatch.setenv("AUDSYNC_GLEAP_API_TOKEN", "t0ken-for-config-tests")
+    if key == "gleap.api_token":
+        monkeypatch.delenv("AUDSYNC_GLEAP_API_TOKEN")  # else the env wins over the file
+    path = write(tmp_path, _toml(key, value))
+    code, out, err = run_cli(capsys, "-c", path, "check")
+    assert code == 2, (out, err)
+    assert out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"audsync: error: {path}: {named}: "), err
+    assert problem in lines[0], err
+    assert "Traceback" not in err
+    assert not any(secret in err for secret in NEVER_SHOWN), err
+
+
+ENV_BAD: list[tuple[str, str, str]] = [
+    ("AUDSYNC_SCHEDULE_INTERVAL", "0", "schedule.interval"),
+    ("AUDSYNC_GLEAP_TIMEOUT", "0s", "gleap.timeout"),
+    ("AUDSYNC_GLEAP_RATE_LIMIT", "0", "gleap.rate_limit"),
+    ("AUDSYNC_SYNC_LEASE_TTL", "0.2", "sync.lease_ttl"),
+    ("AUDSYNC_GLEAP_API_TOKEN", "TOKSECRET\ninner", "gleap.api_token"),
+    ("AUDSYNC_ALERTS_WEBHOOK_URL", "https://hooks.example.com/\rHOOKSECRET", "alerts.webhook_url"),
+    ("AUDSYNC_STATE_URL", "no url at all", "state.url"),
+]
+
+
+@pytest.mark.parametrize(("variable", "value", "named"), ENV_BAD)
+def test_bad_env_value_exits_2_naming_the_variable(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    variable: str,
+    value: str,
+    named: str,
+) -> None:
+    monkeypatch.setenv("AUDSYNC_GLEAP_API_TOKEN", "t0ken-for-config-tests")
+    monkeypatch.setenv(variable, value)
+    code, out, err = run_cli(capsys, "-c", write(tmp_path, MINIMAL), "check")
+    assert code == 2, (out, err)
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"audsync: error: {variable}: {named}: "), err
+    assert not any(secret in err for secret in NEVER_SHOWN), err
+
+
+def test_secrets_and_urls_lose_surrounding_whitespace(tmp_path: Path) -> None:
+    env = {
+        "AUDSYNC_GLEAP_API_TOKEN": " tok-from-a-windows-file\r",
+        "AUDSYNC_ALERTS_WEBHOOK_URL": "https://hooks.example.com/T0/B1\n",
+        "AUDSYNC_STATE_URL": "sqlite:///state.db\r\n",
+        "AUDSYNC_GLEAP_BASE_URL": "http://127.0.0.1:9/\r",
+    }
+    config = load_config(write(tmp_path, MINIMAL), env=env)
+    assert config.require_token() == "tok-from-a-windows-file"
+    assert config.alert_webhook_url == "https://hooks.example.com/T0/B1"
+    assert config.state_url == "sqlite:///state.db"
+    assert config.gleap.base_url == "http://127.0.0.1:9/"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "seconds"),
+    [
+        ("schedule.jitter", "0", 0.0),
+        ("schedule.interval", '"1s"', 1.0),
+        ("gleap.timeout", '"100ms"', 0.1),
+        ("sync.lease_ttl", '"1s"', 1.0),
+        ("state.busy_timeout", '"1ms"', 0.001),
+        ("gleap.rate_window", '"1ms"', 0.001),
+    ],
+)
+def test_smallest_values_that_work_are_accepted(
+    tmp_path: Path, key: str, value: str, seconds: float
+) -> None:
+    config = load_config(write(tmp_path, _toml(key, value)), env={})
+    section, name = key.split(".")
+    found = {
+        "schedule": config.schedule,
+        "gleap": config.gleap,
+        "sync": config.sync,
+    }.get(section)
+    held = config.state_busy_timeout if section == "state" else getattr(found, name)
+    assert held == pytest.approx(seconds)
