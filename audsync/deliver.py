@@ -13,7 +13,7 @@ import json
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +27,6 @@ from audsync.defaults import (
     DEFAULT_CONCURRENCY,
     DEFAULT_DELIVER_BATCH,
     DEFAULT_MAX_ATTEMPTS,
-    DEFAULT_OUTAGE_PROBE,
 )
 from audsync.errors import (
     AudsyncError,
@@ -46,6 +45,7 @@ from audsync.gleap import (
     identify_bodies,
 )
 from audsync.locks import Lease, still_held
+from audsync.outage import outage_message, outage_verdict
 from audsync.plan import NO_RUN, PRIORITY_BACKFILL, PRIORITY_RETRY, PRIORITY_ROUTINE
 
 ACK_BATCH = 64
@@ -104,55 +104,6 @@ class DeliveryReport:
 
 class LeaseLost(AudsyncError):
     """Another process took the delivery lease: stop writing at once."""
-
-
-def misrouted(status: int | None) -> bool:
-    """A status saying the call never reached Gleap's endpoint (a redirect, no such route)."""
-    return status is not None and (300 <= status < 400 or status in (404, 405))
-
-
-def outage_verdict(
-    fresh: Mapping[str, int | None],
-    known: Mapping[str, int | None],
-    acked: bool,
-    *,
-    finished: bool,
-    probe: int = DEFAULT_OUTAGE_PROBE,
-) -> bool:
-    """True when a drain's rejections mean Gleap rejects every call, not that the users are bad.
-
-    ``fresh``/``known``: the distinct users (or events) rejected so far, each with
-    its HTTP status; ``known`` ones were rejected before, in a drain where Gleap
-    acknowledged others, so a repeat says nothing about Gleap. Nothing is an
-    outage once anything was acknowledged. ``probe`` fresh rejections in a row
-    are one. When the drain ended (``finished``) with fewer, it is one only if
-    every answer was a redirect or "no such route" — otherwise a few bad users
-    alone in a small drain would never be counted and never parked.
-    """
-    if acked or not (fresh or known):
-        return False
-    if len(fresh) >= probe:
-        return True
-    if not finished:
-        return False
-    return all(misrouted(status) for status in (*fresh.values(), *known.values()))
-
-
-def outage_message(
-    what: str, rejected: Mapping[str, int | None], reason: str | None, method: str, path: str
-) -> str:
-    """The one line an outage is reported with: statuses and path, never the token."""
-    counts: dict[int | None, int] = {}
-    for status in rejected.values():
-        counts[status] = counts.get(status, 0) + 1
-    statuses = ", ".join(
-        f"HTTP {status} x{n}" for status, n in sorted(counts.items(), key=lambda kv: -kv[1])
-    )
-    return (
-        f"Gleap acknowledged none of the first {len(rejected)} {what} and rejected them all"
-        f" ({statuses}) at {method} {path}: {reason or 'rejected'}; check gleap.base_url"
-        " (a 3xx is never followed)"
-    )
 
 
 def next_users(conn: Connection, limit: int, exclude: Collection[str] = ()) -> list[str]:
@@ -319,7 +270,7 @@ def deliver(
                 halt.set()
                 return
             report.events += batch.sent
-            report.calls += 1 if batch.sent or batch.rejected else 0
+            report.calls += batch.calls
             report.event_keys_dropped += batch.dropped_keys
             events_waiting = pending_events(engine)
 
