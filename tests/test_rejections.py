@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import signal
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TOKEN, Warehouse, source_mismatches
+from conftest import TOKEN, Process, Warehouse, source_mismatches, wait_for, write_config
 from helpers import assert_counts_add_up, query, run_cli
 from sqlalchemy import create_engine, insert
 from test_operability import Receiver
@@ -370,3 +372,42 @@ def test_gleap_rejecting_every_track_call_keeps_the_events(
     assert run_cli(capsys, "-c", str(path), "sync")[0] == 0
     assert sorted(int(e["userId"]) for e in gleap.events()) == list(range(1, 31))
     assert query(state_url, "SELECT * FROM event_outbox") == []
+
+
+@pytest.mark.slow
+def test_daemon_stops_on_an_outage_alerts_and_blames_nobody(
+    tmp_path: Path,
+    warehouse: Warehouse,
+    gleap: Sandbox,
+    receiver: Receiver,
+    processes: list[Process],
+) -> None:
+    for i in range(1, 61):
+        warehouse.add(i, vip=True)
+    state_url = f"sqlite:///{tmp_path / 'state.db'}"
+    path = write_config(
+        tmp_path,
+        base_url=gleap.url,
+        source_url=warehouse.url,
+        state_url=state_url,
+        body=OUTAGE_BODY.split("[[traits]]")[0],
+        extra=f'[alerts]\nwebhook_url = "{receiver.url}"\n',
+    )
+    gleap.fault = answer_every_identify(400, gleap)
+    daemon = Process(tmp_path, "daemon", "-c", str(path), "run")
+    processes.append(daemon)
+    wait_for(lambda: receiver.received, what="the outage alert")
+    (alert,) = receiver.received
+    assert (alert["audience"], alert["event"]) == ("vip_customers", "failing")
+    assert alert["status"] == "failed"
+    assert "HTTP 400" in alert["error"] and "POST /admin/identify" in alert["error"]
+    assert TOKEN not in alert["error"]
+    wait_for(lambda: "delivery stopped" in daemon.output(), what="the log line")
+    # It pauses instead of hammering a Gleap that refuses everything.
+    assert len(gleap.calls("/admin/identify")) < 60
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(timeout=10) == 0
+    outbox = query(state_url, "SELECT state, attempts FROM outbox")
+    assert len(outbox) == 60 and {(r["state"], r["attempts"]) for r in outbox} == {("pending", 0)}
+    assert query(state_url, "SELECT * FROM delivery_failures") == []
+    assert TOKEN not in daemon.output()
