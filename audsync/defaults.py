@@ -51,6 +51,11 @@ DEFAULT_RETRY_AFTER_CAP = 600.0
 DEFAULT_MAX_ATTEMPTS = 5
 """A user Gleap rejects is retried on later runs this many times, then parked."""
 
+DEFAULT_OUTAGE_PROBE = 20
+"""A drain whose first 20 distinct users (or Track events) are all rejected, with not
+one acknowledged, stops as an outage instead of blaming them: twenty independent bad
+users in a row is far less likely than a wrong base_url, a proxy or an API change."""
+
 DEFAULT_MAX_EXIT_RATIO = 0.5
 """A plan that would remove more than half an audience is held: that is a broken
 query far more often than a real exodus."""

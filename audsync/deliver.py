@@ -18,23 +18,35 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Engine, bindparam, func, insert, select, text, update
+from sqlalchemy import Connection, Engine, bindparam, case, func, insert, select, text, update
 
 from audsync import models
 from audsync.clock import utcnow
 from audsync.config import Kind
-from audsync.defaults import DEFAULT_CONCURRENCY, DEFAULT_DELIVER_BATCH, DEFAULT_MAX_ATTEMPTS
+from audsync.defaults import (
+    DEFAULT_CONCURRENCY,
+    DEFAULT_DELIVER_BATCH,
+    DEFAULT_MAX_ATTEMPTS,
+)
 from audsync.errors import (
     AudsyncError,
     GleapAuthError,
     GleapError,
+    GleapRejectingAll,
     GleapUnavailable,
     Interrupted,
 )
 from audsync.events import EventKinds, pending_events, queue_event, send_events
-from audsync.gleap import MAX_EVENTS_PER_CALL, GleapClient, PayloadError, identify_bodies
+from audsync.gleap import (
+    IDENTIFY_PATH,
+    MAX_EVENTS_PER_CALL,
+    GleapClient,
+    PayloadError,
+    identify_bodies,
+)
 from audsync.locks import Lease, still_held
-from audsync.plan import PRIORITY_BACKFILL, PRIORITY_ROUTINE
+from audsync.outage import outage_message, outage_verdict
+from audsync.plan import NO_RUN, PRIORITY_BACKFILL, PRIORITY_RETRY, PRIORITY_ROUTINE
 
 ACK_BATCH = 64
 """Call results committed per acknowledging transaction, at most."""
@@ -60,6 +72,7 @@ class Change:
     run_id: int
     version: int
     queued_at: Any = None
+    last_status: int | None = None  # set once Gleap rejected this row (a known rejection)
 
 
 @dataclass
@@ -117,7 +130,10 @@ def pending_user_count(conn: Connection) -> int:
     o = models.outbox.c
     return int(
         conn.execute(
-            select(func.count(func.distinct(o.user_id))).where(o.state == "pending")
+            # Rows waiting for their next run after a rejection are not this drain's calls.
+            select(func.count(func.distinct(o.user_id))).where(
+                o.state == "pending", o.priority != PRIORITY_RETRY
+            )
         ).scalar_one()
     )
 
@@ -127,8 +143,21 @@ def pending_changes(conn: Connection, users: list[str]) -> dict[str, list[Change
     by_user: dict[str, list[Change]] = {u: [] for u in users}
     o = models.outbox.c
     rows = conn.execute(
-        select(o.audience_key, o.user_id, o.value, o.contact, o.run_id, o.version, o.queued_at)
-        .where(o.state == "pending", o.user_id.in_(bindparam("users", expanding=True)))
+        select(
+            o.audience_key,
+            o.user_id,
+            o.value,
+            o.contact,
+            o.run_id,
+            o.version,
+            o.queued_at,
+            o.last_status,
+        )
+        .where(
+            o.state == "pending",
+            o.priority != PRIORITY_RETRY,  # a rejected change waits for its next run
+            o.user_id.in_(bindparam("users", expanding=True)),
+        )
         .order_by(o.user_id, o.audience_key),
         {"users": users},
     )
@@ -179,7 +208,14 @@ def deliver(
     """Send every pending change until the outbox is empty, ``stop()`` or Gleap gives out.
 
     Changes that were not acknowledged stay in the outbox. Raises nothing for
-    Gleap trouble: ``report.error`` carries it (auth, unavailable, lease lost).
+    Gleap trouble: ``report.error`` carries it (auth, unavailable, rejecting
+    everything, lease lost).
+
+    Rejections are held back until Gleap acknowledges something in this drain:
+    when the first :data:`DEFAULT_OUTAGE_PROBE` users are all rejected instead
+    (:func:`outage_verdict`), the drain stops with :class:`GleapRejectingAll` and
+    their rejections are never recorded — no attempt counted, no failure row —
+    so the changes stay pending for the next run.
     """
     report = DeliveryReport()
     halt = threading.Event()
@@ -188,6 +224,14 @@ def deliver(
     skipped: set[str] = set()
     streak = 0
     last_unavailable: GleapUnavailable | None = None
+    # Until Gleap acknowledges one call, a rejection may be Gleap (or a proxy at
+    # base_url) refusing everything: hold it back rather than blame the user.
+    confirmed = False
+    outage = False
+    held: list[tuple[str, list[CallResult]]] = []
+    fresh: dict[str, int | None] = {}  # held users never rejected before -> status
+    known: dict[str, int | None] = {}  # held users Gleap rejected in an earlier drain
+    first_reason: str | None = None
 
     def halted() -> bool:
         return halt.is_set() or stop()
@@ -226,7 +270,7 @@ def deliver(
                 halt.set()
                 return
             report.events += batch.sent
-            report.calls += 1 if batch.sent or batch.rejected else 0
+            report.calls += batch.calls
             report.event_keys_dropped += batch.dropped_keys
             events_waiting = pending_events(engine)
 
@@ -250,6 +294,29 @@ def deliver(
             report.error = exc
             halt.set()
 
+    def declare_outage() -> None:
+        nonlocal outage
+        outage = True
+        message = outage_message(
+            "users' Identify calls",
+            {**known, **fresh},
+            first_reason,
+            "POST",
+            client.request_path(IDENTIFY_PATH),
+        )
+        if report.error is None or not isinstance(report.error, GleapAuthError):
+            report.error = GleapRejectingAll(message)
+        held.clear()  # never recorded: nobody's attempts are spent on an outage
+        halt.set()
+
+    def release_held() -> None:
+        for user, results in held:
+            unacked.add(user)
+            acks.extend(results)
+        held.clear()
+        fresh.clear()
+        known.clear()
+
     in_flight: dict[Future[list[CallResult]], str] = {}
     queue: deque[tuple[str, list[Change]]] = deque()
     since_finalize = 0
@@ -260,7 +327,14 @@ def deliver(
             if not in_flight or len(queue) < concurrency:
                 flush_acks()  # acknowledged users must not look pending to the refill
             if not halted() and len(queue) < concurrency:
-                busy = skipped | unacked | set(in_flight.values()) | {u for u, _ in queue}
+                busy = (
+                    skipped
+                    | unacked
+                    | set(fresh)
+                    | set(known)
+                    | set(in_flight.values())
+                    | {u for u, _ in queue}
+                )
                 with engine.begin() as conn:
                     users = next_users(conn, batch_size, busy)
                     if users:
@@ -291,8 +365,20 @@ def deliver(
                         report.error = exc
                     halt.set()
                     continue
-                acks.extend(results)
                 unacked.add(user_id)
+                if any(r.ok for r in results) and not confirmed and not outage:
+                    confirmed = True  # Gleap works: what it rejected was those users
+                    release_held()
+                rejected = all(not r.ok and r.status is not None for r in results)
+                if confirmed or not rejected:
+                    acks.extend(results)  # (a payload we could not build is ours, not Gleap's)
+                elif not outage:
+                    held.append((user_id, results))
+                    first_reason = first_reason or results[-1].reason
+                    before = any(c.last_status is not None for r in results for c in r.changes)
+                    (known if before else fresh)[user_id] = results[-1].status
+                    if outage_verdict(fresh, known, False, finished=False):
+                        declare_outage()
                 streak = 0
                 report.users += 1
                 since_finalize += 1
@@ -309,6 +395,13 @@ def deliver(
                 with engine.begin() as conn:
                     finalize_runs(conn)
                 since_finalize = 0
+    if held and report.error is None and not stop():
+        # The drain ran dry with rejections only: an outage, or a few bad users.
+        if outage_verdict(fresh, known, False, finished=True):
+            declare_outage()
+        else:
+            release_held()
+    held.clear()  # stopped early: unblamed, they stay pending for the next drain
     flush_acks()
     flush_events(all_of_them=True)
     with engine.begin() as conn:
@@ -353,7 +446,7 @@ def _acknowledge(
                     report.per_key[change.audience_key] = (
                         report.per_key.get(change.audience_key, 0) + 1
                     )
-                elif _reject(conn, change, result, now):
+                elif _reject(conn, change, result, now, max_attempts):
                     failed_by_run[change.run_id] = failed_by_run.get(change.run_id, 0) + 1
                     report.failed += 1
         for change in _ack_all(conn, acknowledged, now):
@@ -442,11 +535,29 @@ def _ack_all(conn: Connection, changes: list[Change], now: Any) -> list[Change]:
     # A row not deleted was overwritten by a newer plan while its call was in
     # flight (rows marked attempted are never withdrawn), so the newer value
     # is still queued and goes next; or the user was forgotten meanwhile.
+    kept = [c for c in changes if (c.user_id, c.audience_key) not in deleted]
+    o = models.outbox.c
+    for c in kept:  # Gleap took this user: the count of rejections in a row starts over
+        conn.execute(
+            update(models.outbox)
+            .where(o.user_id == c.user_id, o.audience_key == c.audience_key)
+            .values(attempts=0)
+        )
     return [c for c in changes if (c.user_id, c.audience_key) in deleted]
 
 
-def _reject(conn: Connection, change: Change, result: CallResult, now: Any) -> bool:
+def _reject(
+    conn: Connection, change: Change, result: CallResult, now: Any, max_attempts: int
+) -> bool:
+    """Record one rejected change; True when it still was the queued version.
+
+    The run that sent it counts it as failed either way. Below ``max_attempts``
+    rejections in a row the row stays ``pending`` but leaves its run (``NO_RUN``)
+    and waits (``PRIORITY_RETRY``) for the next plan of its audience to take it
+    over; at ``max_attempts`` it is parked: ``state = 'failed'``.
+    """
     o = models.outbox.c
+    last = o.attempts + 1 >= max_attempts
     parked = conn.execute(
         update(models.outbox)
         .where(
@@ -455,7 +566,9 @@ def _reject(conn: Connection, change: Change, result: CallResult, now: Any) -> b
             o.version == change.version,
         )
         .values(
-            state="failed",
+            state=case((last, "failed"), else_="pending"),
+            run_id=case((last, o.run_id), else_=NO_RUN),
+            priority=case((last, o.priority), else_=PRIORITY_RETRY),
             attempts=o.attempts + 1,
             last_status=result.status,
             last_error=result.reason,

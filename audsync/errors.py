@@ -10,7 +10,9 @@
     ├── Interrupted                   a shutdown request stopped the work (exit 130)
     └── GleapError                    Gleap could not be used
         ├── GleapAuthError            401/403: "Gleap rejected the API token"
-        └── GleapUnavailable          429/5xx/network errors outlasted every retry
+        ├── GleapUnavailable          429/5xx/network errors outlasted every retry
+        └── GleapRejectingAll         the first calls of a drain were all rejected (3xx/4xx):
+                                      a wrong base_url or an API change, not bad users
 
 Messages never contain the API token: every error built from an HTTP exchange
 goes through :func:`redact` first, which also knows every secret the config
@@ -91,6 +93,11 @@ class GleapAuthError(GleapError):
 
 class GleapUnavailable(GleapError):
     """Gleap kept failing (429, 5xx or network errors) past every retry."""
+
+
+class GleapRejectingAll(GleapError):
+    """Gleap (or whatever answers at base_url) rejected every call a drain made and
+    acknowledged none: the changes stay queued and no user is blamed for it."""
 
 
 _registered: set[str] = set()

@@ -239,6 +239,11 @@ class GleapClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def request_path(self, path: str) -> str:
+        """The URL path a call to ``path`` goes to (base_url's own path included), for
+        messages: it names where the calls went without the host's secrets or the token."""
+        return self._http.base_url.path.rstrip("/") + path
+
     def check_token(self) -> None:
         """GET /admin/auth: raise GleapAuthError on 401/403, GleapUnavailable if unreachable."""
         outcome = self._send("auth", "GET", AUTH_PATH, None, paced=False)
@@ -306,6 +311,22 @@ class GleapClient:
                 if status in (401, 403):
                     self._record(endpoint, "auth_failed")
                     raise GleapAuthError(status)
+                if 300 <= status < 400:
+                    # Never followed (httpx does not by default) and never a success:
+                    # Gleap's API does not redirect, so a 3xx means base_url points
+                    # somewhere else (http:// for https://, a wrong path, a proxy).
+                    self._record(endpoint, "rejected")
+                    location = response.headers.get("Location") or "nowhere"
+                    return CallOutcome(
+                        ok=False,
+                        status=status,
+                        reason=redact(
+                            f"HTTP {status}: redirect to {location[:200]} (not followed;"
+                            " check gleap.base_url)",
+                            self._token,
+                        ),
+                        retries=failures + throttles,
+                    )
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
                 if status == 429:
                     # Gleap asking us to wait is never a failure and uses up no

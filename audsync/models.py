@@ -81,6 +81,7 @@ outbox = Table(
     Column("version", Integer, nullable=False, default=1),
     # 0 = change to an audience already synced, 1 = initial backfill: keeps
     # routine changes from starving behind a long first sync.
+    # 2 = rejected with attempts left: waits (run_id 0) for its audience's next plan.
     Column("priority", Integer, nullable=False, default=0),
     Column("state", String(10), nullable=False, default="pending"),  # pending | failed
     Column("attempts", Integer, nullable=False, default=0),

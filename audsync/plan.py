@@ -25,6 +25,13 @@ Mode = Literal["initial", "incremental", "full"]
 
 PRIORITY_ROUTINE = 0
 PRIORITY_BACKFILL = 1
+PRIORITY_RETRY = 2
+"""A change Gleap rejected with attempts left: not sent again until the next plan of its
+audience (or retry-failed) takes it over, so one run makes at most one attempt."""
+
+NO_RUN = 0
+"""The run_id of a rejected pending change between runs: the run that sent it already
+counted it as failed, so no run holds it as pending until a plan takes it over."""
 
 
 def choose_mode(ledger_rows: int, full: bool) -> Mode:
@@ -202,6 +209,7 @@ def plan_definition(
         "prio": PRIORITY_BACKFILL if mode == "initial" else PRIORITY_ROUTINE,
         "now": utcnow(),
         "max_attempts": max_attempts,
+        "retry": PRIORITY_RETRY,
     }
     # Pending values a newer plan replaces or no longer needs: credit them to
     # the run that queued them, so every run's counts still add up.
@@ -233,7 +241,7 @@ def plan_definition(
             " AND s.user_id = outbox.user_id), :absent),"
             " contact = (SELECT s.contact FROM snapshot s WHERE s.audience_key = :k"
             " AND s.user_id = outbox.user_id),"
-            " version = version + 1, run_id = :run, priority = 0, attempts = 0, queued_at = :now"
+            " version = version + 1, run_id = :run, priority = 0, queued_at = :now"
             " WHERE audience_key = :k AND state = 'pending' AND attempted"
             " AND NOT EXISTS (SELECT 1 FROM audsync_changes c WHERE c.user_id = outbox.user_id)"
         ),
@@ -256,11 +264,13 @@ def plan_definition(
             " ON CONFLICT (user_id, audience_key) DO UPDATE SET"
             " value = excluded.value, contact = excluded.contact, run_id = excluded.run_id,"
             " version = outbox.version + 1, priority = excluded.priority, state = 'pending',"
-            " attempts = CASE WHEN :full OR outbox.value <> excluded.value THEN 0"
-            " ELSE outbox.attempts END,"
+            # Rejections in a row count whatever the value does: only an
+            # acknowledgement, retry-failed or --full start them over, and a
+            # parked change stays parked (its value waits with it).
+            " attempts = CASE WHEN :full THEN 0 ELSE outbox.attempts END,"
             " queued_at = excluded.queued_at"
-            " WHERE outbox.value <> excluded.value OR :full"
-            " OR (outbox.state = 'failed' AND outbox.attempts < :max_attempts)"
+            " WHERE :full OR (outbox.state = 'pending' AND (outbox.value <> excluded.value"
+            " OR outbox.priority = :retry))"
         ),
         params,
     )
@@ -421,11 +431,15 @@ def _record_audience(conn: Connection, definition: Definition, members: int) -> 
 
 
 def requeue_failed(conn: Connection, key: str, run_id: int) -> int:
-    """Give every change Gleap rejected for ``key`` a fresh set of attempts under ``run_id``."""
+    """Give every change Gleap rejected for ``key`` — parked, or waiting for its next run —
+    a fresh set of attempts under ``run_id``."""
     o = models.outbox.c
     requeued = conn.execute(
         update(models.outbox)
-        .where(o.audience_key == key, o.state == "failed")
+        .where(
+            o.audience_key == key,
+            (o.state == "failed") | ((o.state == "pending") & (o.priority == PRIORITY_RETRY)),
+        )
         .values(
             state="pending",
             attempts=0,

@@ -39,7 +39,14 @@ from audsync.clock import utcnow
 from audsync.config import Config
 from audsync.defaults import DEFAULT_METRICS_ADDR
 from audsync.deliver import LeaseLost, deliver, finalize_runs
-from audsync.errors import EXIT_OK, AudsyncError, GleapAuthError, Interrupted, describe
+from audsync.errors import (
+    EXIT_OK,
+    AudsyncError,
+    GleapAuthError,
+    GleapRejectingAll,
+    Interrupted,
+    describe,
+)
 from audsync.gleap import GleapClient
 from audsync.history import (
     claim_delivering_runs,
@@ -328,8 +335,12 @@ class Daemon:
                     log.warning("lost the delivery lease; standing by")
                     return
                 log.error("delivery stopped: %s", report.error)
-                if isinstance(report.error, GleapAuthError):
-                    close_open_runs(self.state, "failed", str(report.error))
+                if isinstance(report.error, GleapAuthError | GleapRejectingAll):
+                    # Waiting will not fix a token or a base_url: the runs fail and
+                    # the webhook hears it; their changes stay queued for after.
+                    close_open_runs(
+                        self.state, "failed", f"{report.error}; pending changes stay queued"
+                    )
                     alerts.notify(self.state, self.config.alert_webhook_url)
                 self.stopping.wait(TROUBLE_PAUSE)
             elif report.users == 0:
