@@ -64,6 +64,13 @@ DEFAULT_DELIVER_BATCH = 200
 DEFAULT_LEASE_TTL = 60.0
 """A killed holder's lease frees itself after a minute."""
 
+MAX_USER_ID_LENGTH = 400
+"""Longest user id audsync keeps, in characters (not bytes): the state DB's
+``user_id`` columns are ``VARCHAR(400)``, which PostgreSQL counts in characters
+and SQLite does not enforce, so the check is made in Python for both. A longer
+id is skipped and counted (``invalid_ids``), never truncated: a cut id would name
+another user."""
+
 MAX_CUSTOM_KEYS_PER_CALL = 35
 """Gleap keeps at most 35 custom attributes per identify."""
 

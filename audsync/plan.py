@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from sqlalchemy import Connection, Engine, delete, func, insert, select, text, update
-from sqlalchemy.exc import DBAPIError
 
 from audsync import models
 from audsync.clock import utcnow
@@ -289,22 +288,9 @@ def load_snapshot(
     conn.execute(delete(models.snapshot).where(models.snapshot.c.audience_key == definition.key))
     chunks = _reported(stream_snapshot(source, definition, chunk_size, stats, stop), stats, on_rows)
     if conn.dialect.name == "postgresql":
-        savepoint = conn.begin_nested()
-        try:
-            _copy_snapshot(conn, definition.key, chunks)
-            savepoint.commit()
-            return
-        except DBAPIError as exc:
-            if "unique" not in str(exc.orig).lower():
-                raise
-            # Ids that collate apart in the source but are equal to us (odd
-            # collations, mixed types): fall back to insert-or-ignore.
-            savepoint.rollback()
-        stats.rows = stats.skipped_ids = stats.duplicate_ids = 0
-        chunks = _reported(
-            stream_snapshot(source, definition, chunk_size, stats, stop), stats, on_rows
-        )
-    _insert_snapshot(conn, definition.key, chunks, stats)
+        _copy_snapshot(conn, definition.key, chunks, stats, chunk_size)
+    else:
+        _insert_snapshot(conn, definition.key, chunks, stats)
 
 
 def _reported(
@@ -318,17 +304,58 @@ def _reported(
             on_rows(stats.rows)
 
 
-def _copy_snapshot(conn: Connection, key: str, chunks: Iterable[list[SnapshotRow]]) -> None:
+def _copy_snapshot(
+    conn: Connection,
+    key: str,
+    chunks: Iterable[list[SnapshotRow]],
+    stats: StreamStats,
+    chunk_size: int,
+) -> None:
+    """COPY the rows into the snapshot; ids that do not rise go in by INSERT ... ON CONFLICT.
+
+    COPY has no ON CONFLICT, so one repeated id would abort the whole load. The
+    source sorts by the id's text and repeats next to each other are already
+    collapsed, so normalised ids normally rise strictly and cannot repeat. An id
+    that does not rise (``42.0`` sorted as text after ``42-1`` but stored as
+    ``42``; an engine that collates differently) is held back as a straggler: every
+    later rising id is larger than all rows before it, so only stragglers can
+    collide, and they are inserted with ON CONFLICT DO NOTHING (counted as
+    duplicates) once the COPY ends. At most ``chunk_size`` are held: then the COPY
+    is ended, they are inserted, and a new COPY goes on with the rest.
+    """
     cursor: Any = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-    with cursor.copy("COPY snapshot (audience_key, user_id, value, contact) FROM STDIN") as copy:
-        for chunk in chunks:
-            for user_id, value, contact in chunk:
-                copy.write_row((key, user_id, value, contact))
+    statement = "COPY snapshot (audience_key, user_id, value, contact) FROM STDIN"
+    rows = (row for chunk in chunks for row in chunk)
+    highest = ""  # below every id: empty ids never reach the snapshot
+    more = True
+    while more:
+        more = False
+        stragglers: list[tuple[str, str, str, str | None]] = []
+        with cursor.copy(statement) as copy:
+            for user_id, value, contact in rows:
+                if user_id > highest:
+                    highest = user_id
+                    copy.write_row((key, user_id, value, contact))
+                    continue
+                stragglers.append((key, user_id, value, contact))
+                if len(stragglers) >= chunk_size:
+                    more = True  # the generator resumes where this COPY stopped
+                    break
+        if stragglers:
+            _insert_rows(conn, stragglers, stats)
 
 
 def _insert_snapshot(
     conn: Connection, key: str, chunks: Iterable[list[SnapshotRow]], stats: StreamStats
 ) -> None:
+    for chunk in chunks:
+        _insert_rows(conn, [(key, u, v, c) for u, v, c in chunk], stats)
+
+
+def _insert_rows(
+    conn: Connection, rows: list[tuple[str, str, str, str | None]], stats: StreamStats
+) -> None:
+    """Insert snapshot rows; an id already there is a duplicate: counted, first row kept."""
     statement = (
         "INSERT INTO snapshot (audience_key, user_id, value, contact) VALUES (?, ?, ?, ?)"
         " ON CONFLICT DO NOTHING"
@@ -336,11 +363,9 @@ def _insert_snapshot(
         else "INSERT INTO snapshot (audience_key, user_id, value, contact)"
         " VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING"
     )
-    for chunk in chunks:
-        rows = [(key, u, v, c) for u, v, c in chunk]
-        cursor = conn.exec_driver_sql(statement, rows)
-        if cursor.rowcount >= 0:
-            stats.duplicate_ids += len(rows) - cursor.rowcount
+    cursor = conn.exec_driver_sql(statement, rows)
+    if cursor.rowcount >= 0:
+        stats.duplicate_ids += len(rows) - cursor.rowcount
 
 
 def _fill_changes(conn: Connection, key: str, absent: str, *, full: bool) -> None:
