@@ -63,17 +63,44 @@ def breaker_verdict(
 
 
 def withdraw(conn: Connection, *conditions: Any) -> int:
-    """Delete outbox rows matching ``conditions``, crediting pending ones as superseded
-    to the runs that queued them (so those runs' counts still add up)."""
-    o, r = models.outbox.c, models.sync_runs.c
-    by_run = conn.execute(
-        select(o.run_id, func.count()).where(o.state == "pending", *conditions).group_by(o.run_id)
-    ).all()
-    for run_id, count in by_run:
+    """Delete outbox rows matching ``conditions``, crediting the pending ones as
+    superseded to the runs that queued them (so those runs' counts still add up).
+
+    The credit is taken from the rows this DELETE removed (RETURNING), never from
+    an earlier read: a row an acknowledgement removed first is the deliverer's to
+    count, and counting it here too would break ``queued = delivered + failed +
+    superseded + pending``. Returns how many rows were deleted.
+    """
+    o = models.outbox.c
+    gone = delete(models.outbox).where(*conditions).returning(o.run_id, o.state)
+    by_run: dict[int, int] = {}
+    deleted = 0
+    if conn.dialect.name == "postgresql":
+        # Counted in the database: a million withdrawn rows never cross the wire.
+        cte = gone.cte("gone")
+        rows = conn.execute(
+            select(cte.c.run_id, cte.c.state, func.count()).group_by(cte.c.run_id, cte.c.state)
+        )
+        for run_id, state, count in rows:
+            deleted += int(count)
+            if state == "pending":
+                by_run[run_id] = by_run.get(run_id, 0) + int(count)
+    else:
+        for run_id, state in conn.execute(gone):
+            deleted += 1
+            if state == "pending":
+                by_run[run_id] = by_run.get(run_id, 0) + 1
+    credit_superseded(conn, by_run)
+    return deleted
+
+
+def credit_superseded(conn: Connection, by_run: dict[int, int]) -> None:
+    """Add ``by_run``'s counts to those runs' ``superseded``."""
+    r = models.sync_runs.c
+    for run_id, count in sorted(by_run.items()):  # one lock order, whoever credits
         conn.execute(
             update(models.sync_runs).where(r.id == run_id).values(superseded=r.superseded + count)
         )
-    return int(conn.execute(delete(models.outbox).where(*conditions)).rowcount)
 
 
 def absent_value(definition: Definition) -> str:
@@ -171,6 +198,14 @@ def plan_definition(
         _record_audience(conn, definition, result.members)
         return result
 
+    if conn.dialect.name == "postgresql":
+        # From the diff's reads to the commit, no acknowledgement (nor any other
+        # outbox write) may land in between: one that did would be counted both
+        # delivered (by the deliverer) and superseded (from this plan's reads), and
+        # a user acknowledged after the diff read the ledger would be queued again.
+        # Readers are not blocked; writers wait for this commit. On SQLite this
+        # transaction already holds the database's only write lock.
+        conn.exec_driver_sql("LOCK TABLE outbox IN SHARE ROW EXCLUSIVE MODE")
     _fill_changes(conn, key, absent, full=mode == "full")
     for kind, count in conn.execute(
         text("SELECT kind, COUNT(*) FROM audsync_changes GROUP BY kind")
@@ -203,7 +238,8 @@ def plan_definition(
         "max_attempts": max_attempts,
     }
     # Pending values a newer plan replaces or no longer needs: credit them to
-    # the run that queued them, so every run's counts still add up.
+    # the run that queued them, so every run's counts still add up. Read under
+    # the lock above, so these are exactly the rows the statements below replace.
     superseded = conn.execute(
         text(
             "SELECT o.run_id, COUNT(*) FROM outbox o"
@@ -214,14 +250,7 @@ def plan_definition(
         ),
         params,
     ).all()
-    for old_run, count in superseded:
-        if old_run == run_id:
-            continue
-        conn.execute(
-            update(models.sync_runs)
-            .where(models.sync_runs.c.id == old_run)
-            .values(superseded=models.sync_runs.c.superseded + count)
-        )
+    credit_superseded(conn, {r: int(c) for r, c in superseded if r != run_id})
     # A pending value whose call may already have reached Gleap (the process
     # died mid-call, or the call is in flight now) cannot be withdrawn: Gleap
     # may hold it. Overwrite it with what Gleap should hold instead.
