@@ -349,26 +349,29 @@ def _copy_snapshot(
     ``42``; an engine that collates differently) is held back as a straggler: every
     later rising id is larger than all rows before it, so only stragglers can
     collide, and they are inserted with ON CONFLICT DO NOTHING (counted as
-    duplicates) once the COPY ends. At most ``chunk_size`` are held: then the COPY
-    is ended, they are inserted, and a new COPY goes on with the rest.
+    duplicates) once the COPY ends. Once a chunk leaves ``chunk_size`` or more held
+    (fewer than two chunks' worth), the COPY is ended, they are inserted, and a
+    new COPY goes on with the rest.
     """
     cursor: Any = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
     statement = "COPY snapshot (audience_key, user_id, value, contact) FROM STDIN"
-    rows = (row for chunk in chunks for row in chunk)
+    pending = iter(chunks)
     highest = ""  # below every id: empty ids never reach the snapshot
     more = True
     while more:
         more = False
         stragglers: list[tuple[str, str, str, str | None]] = []
         with cursor.copy(statement) as copy:
-            for user_id, value, contact in rows:
-                if user_id > highest:
-                    highest = user_id
-                    copy.write_row((key, user_id, value, contact))
-                    continue
-                stragglers.append((key, user_id, value, contact))
+            write = copy.write_row
+            for chunk in pending:
+                for user_id, value, contact in chunk:
+                    if user_id > highest:
+                        highest = user_id
+                        write((key, user_id, value, contact))
+                    else:
+                        stragglers.append((key, user_id, value, contact))
                 if len(stragglers) >= chunk_size:
-                    more = True  # the generator resumes where this COPY stopped
+                    more = True  # the next COPY resumes with the next chunk
                     break
         if stragglers:
             _insert_rows(conn, stragglers, stats)
