@@ -76,7 +76,11 @@ HISTORY_COLUMNS = [
     "delivered",
     "failed",
     "pending",
+    "skipped_ids",
+    "duplicate_ids",
+    "invalid_ids",
     "error",
+    "invalid_reasons",
 ]
 
 

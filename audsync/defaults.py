@@ -92,6 +92,13 @@ MAX_CONCURRENCY = 256
 """One thread per call in flight: at Gleap's ~17 calls/s more than a few dozen only
 wait, and thousands of threads exhaust the process."""
 
+MAX_USER_ID_LENGTH = 400
+"""Longest user id audsync keeps, in characters (not bytes): the state DB's
+``user_id`` columns are ``VARCHAR(400)``, which PostgreSQL counts in characters
+and SQLite does not enforce, so the check is made in Python for both. A longer
+id is skipped and counted (``invalid_ids``), never truncated: a cut id would name
+another user."""
+
 MAX_CUSTOM_KEYS_PER_CALL = 35
 """Gleap keeps at most 35 custom attributes per identify."""
 

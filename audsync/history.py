@@ -33,6 +33,7 @@ def start_run(engine: Engine, key: str, trigger: str, mode: str) -> int:
                 superseded=0,
                 skipped_ids=0,
                 duplicate_ids=0,
+                invalid_ids=0,
                 host=socket.gethostname(),
                 pid=os.getpid(),
             )

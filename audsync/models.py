@@ -28,10 +28,12 @@ from sqlalchemy import (
     text,
 )
 
+from audsync.defaults import MAX_USER_ID_LENGTH
+
 metadata = MetaData()
 
 KEY = String(200)
-USER = String(400)
+USER = String(MAX_USER_ID_LENGTH)
 
 audiences = Table(
     "audiences",
@@ -123,6 +125,9 @@ sync_runs = Table(
     Column("superseded", Integer, nullable=False, default=0),
     Column("skipped_ids", Integer, nullable=False, default=0),
     Column("duplicate_ids", Integer, nullable=False, default=0),
+    # Rows whose user_id cannot be stored (control characters, too long), and why.
+    Column("invalid_ids", Integer, nullable=False, server_default=text("0"), default=0),
+    Column("invalid_reasons", Text),
     Column("error", Text),
     Column("host", String(255)),
     Column("pid", Integer),

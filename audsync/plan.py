@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from sqlalchemy import Connection, Engine, delete, func, insert, select, text, update
-from sqlalchemy.exc import DBAPIError
 
 from audsync import models
 from audsync.clock import utcnow
@@ -71,17 +70,44 @@ def breaker_verdict(
 
 
 def withdraw(conn: Connection, *conditions: Any) -> int:
-    """Delete outbox rows matching ``conditions``, crediting pending ones as superseded
-    to the runs that queued them (so those runs' counts still add up)."""
-    o, r = models.outbox.c, models.sync_runs.c
-    by_run = conn.execute(
-        select(o.run_id, func.count()).where(o.state == "pending", *conditions).group_by(o.run_id)
-    ).all()
-    for run_id, count in by_run:
+    """Delete outbox rows matching ``conditions``, crediting the pending ones as
+    superseded to the runs that queued them (so those runs' counts still add up).
+
+    The credit is taken from the rows this DELETE removed (RETURNING), never from
+    an earlier read: a row an acknowledgement removed first is the deliverer's to
+    count, and counting it here too would break ``queued = delivered + failed +
+    superseded + pending``. Returns how many rows were deleted.
+    """
+    o = models.outbox.c
+    gone = delete(models.outbox).where(*conditions).returning(o.run_id, o.state)
+    by_run: dict[int, int] = {}
+    deleted = 0
+    if conn.dialect.name == "postgresql":
+        # Counted in the database: a million withdrawn rows never cross the wire.
+        cte = gone.cte("gone")
+        rows = conn.execute(
+            select(cte.c.run_id, cte.c.state, func.count()).group_by(cte.c.run_id, cte.c.state)
+        )
+        for run_id, state, count in rows:
+            deleted += int(count)
+            if state == "pending":
+                by_run[run_id] = by_run.get(run_id, 0) + int(count)
+    else:
+        for run_id, state in conn.execute(gone):
+            deleted += 1
+            if state == "pending":
+                by_run[run_id] = by_run.get(run_id, 0) + 1
+    credit_superseded(conn, by_run)
+    return deleted
+
+
+def credit_superseded(conn: Connection, by_run: dict[int, int]) -> None:
+    """Add ``by_run``'s counts to those runs' ``superseded``."""
+    r = models.sync_runs.c
+    for run_id, count in sorted(by_run.items()):  # one lock order, whoever credits
         conn.execute(
             update(models.sync_runs).where(r.id == run_id).values(superseded=r.superseded + count)
         )
-    return int(conn.execute(delete(models.outbox).where(*conditions)).rowcount)
 
 
 def absent_value(definition: Definition) -> str:
@@ -179,6 +205,14 @@ def plan_definition(
         _record_audience(conn, definition, result.members)
         return result
 
+    if conn.dialect.name == "postgresql":
+        # From the diff's reads to the commit, no acknowledgement (nor any other
+        # outbox write) may land in between: one that did would be counted both
+        # delivered (by the deliverer) and superseded (from this plan's reads), and
+        # a user acknowledged after the diff read the ledger would be queued again.
+        # Readers are not blocked; writers wait for this commit. On SQLite this
+        # transaction already holds the database's only write lock.
+        conn.exec_driver_sql("LOCK TABLE outbox IN SHARE ROW EXCLUSIVE MODE")
     _fill_changes(conn, key, absent, full=mode == "full")
     for kind, count in conn.execute(
         text("SELECT kind, COUNT(*) FROM audsync_changes GROUP BY kind")
@@ -212,7 +246,8 @@ def plan_definition(
         "retry": PRIORITY_RETRY,
     }
     # Pending values a newer plan replaces or no longer needs: credit them to
-    # the run that queued them, so every run's counts still add up.
+    # the run that queued them, so every run's counts still add up. Read under
+    # the lock above, so these are exactly the rows the statements below replace.
     superseded = conn.execute(
         text(
             "SELECT o.run_id, COUNT(*) FROM outbox o"
@@ -223,14 +258,7 @@ def plan_definition(
         ),
         params,
     ).all()
-    for old_run, count in superseded:
-        if old_run == run_id:
-            continue
-        conn.execute(
-            update(models.sync_runs)
-            .where(models.sync_runs.c.id == old_run)
-            .values(superseded=models.sync_runs.c.superseded + count)
-        )
+    credit_superseded(conn, {r: int(c) for r, c in superseded if r != run_id})
     # A pending value whose call may already have reached Gleap (the process
     # died mid-call, or the call is in flight now) cannot be withdrawn: Gleap
     # may hold it. Overwrite it with what Gleap should hold instead.
@@ -299,22 +327,9 @@ def load_snapshot(
     conn.execute(delete(models.snapshot).where(models.snapshot.c.audience_key == definition.key))
     chunks = _reported(stream_snapshot(source, definition, chunk_size, stats, stop), stats, on_rows)
     if conn.dialect.name == "postgresql":
-        savepoint = conn.begin_nested()
-        try:
-            _copy_snapshot(conn, definition.key, chunks)
-            savepoint.commit()
-            return
-        except DBAPIError as exc:
-            if "unique" not in str(exc.orig).lower():
-                raise
-            # Ids that collate apart in the source but are equal to us (odd
-            # collations, mixed types): fall back to insert-or-ignore.
-            savepoint.rollback()
-        stats.rows = stats.skipped_ids = stats.duplicate_ids = 0
-        chunks = _reported(
-            stream_snapshot(source, definition, chunk_size, stats, stop), stats, on_rows
-        )
-    _insert_snapshot(conn, definition.key, chunks, stats)
+        _copy_snapshot(conn, definition.key, chunks, stats, chunk_size)
+    else:
+        _insert_snapshot(conn, definition.key, chunks, stats)
 
 
 def _reported(
@@ -328,17 +343,61 @@ def _reported(
             on_rows(stats.rows)
 
 
-def _copy_snapshot(conn: Connection, key: str, chunks: Iterable[list[SnapshotRow]]) -> None:
+def _copy_snapshot(
+    conn: Connection,
+    key: str,
+    chunks: Iterable[list[SnapshotRow]],
+    stats: StreamStats,
+    chunk_size: int,
+) -> None:
+    """COPY the rows into the snapshot; ids that do not rise go in by INSERT ... ON CONFLICT.
+
+    COPY has no ON CONFLICT, so one repeated id would abort the whole load. The
+    source sorts by the id's text and repeats next to each other are already
+    collapsed, so normalised ids normally rise strictly and cannot repeat. An id
+    that does not rise (``42.0`` sorted as text after ``42-1`` but stored as
+    ``42``; an engine that collates differently) is held back as a straggler: every
+    later rising id is larger than all rows before it, so only stragglers can
+    collide, and they are inserted with ON CONFLICT DO NOTHING (counted as
+    duplicates) once the COPY ends. Once a chunk leaves ``chunk_size`` or more held
+    (fewer than two chunks' worth), the COPY is ended, they are inserted, and a
+    new COPY goes on with the rest.
+    """
     cursor: Any = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-    with cursor.copy("COPY snapshot (audience_key, user_id, value, contact) FROM STDIN") as copy:
-        for chunk in chunks:
-            for user_id, value, contact in chunk:
-                copy.write_row((key, user_id, value, contact))
+    statement = "COPY snapshot (audience_key, user_id, value, contact) FROM STDIN"
+    pending = iter(chunks)
+    highest = ""  # below every id: empty ids never reach the snapshot
+    more = True
+    while more:
+        more = False
+        stragglers: list[tuple[str, str, str, str | None]] = []
+        with cursor.copy(statement) as copy:
+            write = copy.write_row
+            for chunk in pending:
+                for user_id, value, contact in chunk:
+                    if user_id > highest:
+                        highest = user_id
+                        write((key, user_id, value, contact))
+                    else:
+                        stragglers.append((key, user_id, value, contact))
+                if len(stragglers) >= chunk_size:
+                    more = True  # the next COPY resumes with the next chunk
+                    break
+        if stragglers:
+            _insert_rows(conn, stragglers, stats)
 
 
 def _insert_snapshot(
     conn: Connection, key: str, chunks: Iterable[list[SnapshotRow]], stats: StreamStats
 ) -> None:
+    for chunk in chunks:
+        _insert_rows(conn, [(key, u, v, c) for u, v, c in chunk], stats)
+
+
+def _insert_rows(
+    conn: Connection, rows: list[tuple[str, str, str, str | None]], stats: StreamStats
+) -> None:
+    """Insert snapshot rows; an id already there is a duplicate: counted, first row kept."""
     statement = (
         "INSERT INTO snapshot (audience_key, user_id, value, contact) VALUES (?, ?, ?, ?)"
         " ON CONFLICT DO NOTHING"
@@ -346,11 +405,9 @@ def _insert_snapshot(
         else "INSERT INTO snapshot (audience_key, user_id, value, contact)"
         " VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING"
     )
-    for chunk in chunks:
-        rows = [(key, u, v, c) for u, v, c in chunk]
-        cursor = conn.exec_driver_sql(statement, rows)
-        if cursor.rowcount >= 0:
-            stats.duplicate_ids += len(rows) - cursor.rowcount
+    cursor = conn.exec_driver_sql(statement, rows)
+    if cursor.rowcount >= 0:
+        stats.duplicate_ids += len(rows) - cursor.rowcount
 
 
 def _fill_changes(conn: Connection, key: str, absent: str, *, full: bool) -> None:

@@ -56,7 +56,7 @@ from audsync.history import (
     start_run,
 )
 from audsync.metrics import Metrics
-from audsync.plan import ensure_audience
+from audsync.plan import ensure_audience, withdraw
 from audsync.source import open_source
 from audsync.state import open_configured
 from audsync.sync import (
@@ -392,19 +392,11 @@ def retire_removed(state: Engine, config: Config) -> None:
     (credited as superseded to their runs) and the audience is marked inactive. Their
     ledger is kept, so adding the audience back resumes incrementally."""
     keys = [d.key for d in config.definitions]
-    a, o, r = models.audiences.c, models.outbox.c, models.sync_runs.c
+    a, o = models.audiences.c, models.outbox.c
     with state.begin() as conn:
         gone = conn.execute(select(a.key).where(a.active.is_(True), a.key.not_in(keys))).scalars()
         for key in list(gone):
-            pending = conn.execute(select(o.run_id, o.state).where(o.audience_key == key)).all()
-            for run_id, row_state in pending:
-                if row_state == "pending":
-                    conn.execute(
-                        update(models.sync_runs)
-                        .where(r.id == run_id)
-                        .values(superseded=r.superseded + 1)
-                    )
-            conn.execute(delete(models.outbox).where(o.audience_key == key))
+            withdraw(conn, o.audience_key == key)
             conn.execute(update(models.audiences).where(a.key == key).values(active=False))
             log.info("%s is no longer configured: stopped syncing it (its ledger is kept)", key)
         finalize_runs(conn)

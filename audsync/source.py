@@ -24,6 +24,7 @@ from audsync.values import (
     dumps,
     normalize_user_id,
     timestamp,
+    user_id_problem,
 )
 
 INVALID_MARK = "__invalid__"
@@ -57,12 +58,36 @@ SnapshotRow = tuple[str, str, str | None]
 
 @dataclass
 class StreamStats:
-    """What streaming one query saw: rows read, ids skipped, duplicates collapsed."""
+    """What streaming one query saw: rows read, ids skipped, duplicates collapsed,
+    ids that cannot be stored (by reason, with the first example of each)."""
 
     rows: int = 0
     skipped_ids: int = 0
     duplicate_ids: int = 0
+    invalid_ids: int = 0
+    invalid_by_reason: dict[str, tuple[int, str]] = field(default_factory=dict)
     columns: list[str] = field(default_factory=list)
+
+    def invalid(self, reason: str, user_id: str) -> None:
+        """Count one row skipped because its id ``user_id`` cannot be stored."""
+        self.invalid_ids += 1
+        count, example = self.invalid_by_reason.get(reason, (0, user_id))
+        self.invalid_by_reason[reason] = (count + 1, example)
+
+    def invalid_reasons(self) -> str | None:
+        """Why rows were skipped as invalid, one clause per reason with an example."""
+        if not self.invalid_ids:
+            return None
+        return "; ".join(
+            f"{reason}: {count} (e.g. {_example(example)})"
+            for reason, (count, example) in sorted(self.invalid_by_reason.items())
+        )
+
+
+def _example(user_id: str, width: int = 40) -> str:
+    """An id shown safely: control characters escaped, long ids cut."""
+    shown = repr(user_id[:width])
+    return shown + "…" if len(user_id) > width else shown
 
 
 def open_source(url: str) -> Engine:
@@ -161,8 +186,10 @@ def stream_snapshot(
 ) -> Iterator[list[SnapshotRow]]:
     """Yield the query's rows as snapshot rows, in chunks, sorted by user id.
 
-    Rows without a usable ``user_id`` are skipped and counted; a user id that
-    appears again is collapsed (the first row wins) and counted. For a trait, a
+    Rows without a usable ``user_id`` are skipped and counted; so are ids that
+    cannot be stored (control characters, longer than MAX_USER_ID_LENGTH), by
+    reason; a user id that appears again next to itself is collapsed (the first
+    row wins) and counted (the loader collapses the rest). For a trait, a
     row whose ``value`` is null means the user has no value and is left out.
     Raises SourceError naming the audience when the query fails.
     """
@@ -199,9 +226,15 @@ def stream_snapshot(
                 out: list[SnapshotRow] = []
                 stats.rows += len(partition)
                 for raw in partition:
-                    user_id = normalize_user_id(raw[id_at])
+                    raw_id = raw[id_at]
+                    user_id = normalize_user_id(raw_id)
                     if user_id is None:
                         stats.skipped_ids += 1
+                        continue
+                    # A driver's int is at most a few dozen digits of 0-9: only
+                    # other types can carry a control character or run too long.
+                    if type(raw_id) is not int and (problem := user_id_problem(user_id)):
+                        stats.invalid(problem, user_id)
                         continue
                     if user_id == last_id:
                         stats.duplicate_ids += 1

@@ -22,7 +22,7 @@ from sqlalchemy.engine import make_url
 from audsync import alerts, locks, models
 from audsync.config import Config, Definition
 from audsync.deliver import DeliveryReport, deliver, finalize_runs, pending_user_count
-from audsync.errors import AudsyncError, GleapAuthError, LeaseHeld, SourceError
+from audsync.errors import AudsyncError, GleapAuthError, Interrupted, LeaseHeld, SourceError
 from audsync.gleap import GleapClient
 from audsync.history import (
     claim_delivering_runs,
@@ -40,7 +40,7 @@ from audsync.plan import (
     requeue_failed,
 )
 from audsync.progress import Progress
-from audsync.source import open_source
+from audsync.source import first_line, open_source
 from audsync.state import open_configured, open_state
 
 Printer = Callable[[str], None]
@@ -359,6 +359,16 @@ def _plan_one(
             return
         except BaseException as exc:
             tx.rollback()
+            if isinstance(exc, Exception) and not isinstance(exc, Interrupted):
+                # Whatever one audience's rows do to the state DB (or to a bug),
+                # it fails that run alone: the others still plan, and the daemon
+                # does not crash-loop on the same rows at every start.
+                progress.finish("querying")
+                message = f"{definition.key}: planning failed: {first_line(exc)}"
+                log.debug("planning %s failed", definition.key, exc_info=True)
+                set_run(state, run_id, status="failed", error=message)
+                outcome.errors.append(message)
+                return
             reason = str(exc) if isinstance(exc, AudsyncError) else type(exc).__name__
             set_run(state, run_id, status="interrupted", error=f"planning did not finish: {reason}")
             raise
@@ -372,6 +382,8 @@ def _plan_one(
             "changed": result.changed,
             "skipped_ids": result.stats.skipped_ids,
             "duplicate_ids": result.stats.duplicate_ids,
+            "invalid_ids": result.stats.invalid_ids,
+            "invalid_reasons": result.stats.invalid_reasons(),
         }
         if result.held:
             tx.rollback()

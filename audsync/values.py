@@ -10,9 +10,12 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import re
 import uuid
 from decimal import Decimal
 from typing import Any
+
+from audsync.defaults import MAX_USER_ID_LENGTH
 
 JSON_TRUE = "true"
 JSON_FALSE = "false"
@@ -61,6 +64,33 @@ def normalize_user_id(raw: Any) -> str | None:
         return text if text.strip() else None
     text = str(raw)
     return text if text.strip() else None
+
+
+# C0 and C1 control characters (NUL among them) and lone surrogates. PostgreSQL
+# refuses NUL in text and cannot encode a lone surrogate; the others would name
+# a Gleap contact nobody can type or see.
+_UNUSABLE_ID_CHAR = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+ID_TOO_LONG = f"longer than {MAX_USER_ID_LENGTH} characters"
+ID_HAS_NUL = "contains a NUL character"
+ID_HAS_CONTROL = "contains a control character"
+ID_NOT_UNICODE = "is not valid Unicode (a lone surrogate)"
+
+
+def user_id_problem(user_id: str) -> str | None:
+    """Why a normalised user id cannot be stored or sent, or None when it can.
+
+    One of the ``ID_*`` reasons above, so a run can count its invalid ids by reason.
+    """
+    if len(user_id) > MAX_USER_ID_LENGTH:
+        return ID_TOO_LONG
+    found = _UNUSABLE_ID_CHAR.search(user_id)
+    if found is None:
+        return None
+    char = found.group()
+    if char == "\x00":
+        return ID_HAS_NUL
+    return ID_NOT_UNICODE if "\ud800" <= char <= "\udfff" else ID_HAS_CONTROL
 
 
 def iso_utc(value: dt.datetime | dt.date) -> str:
