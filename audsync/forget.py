@@ -66,7 +66,6 @@ from sqlalchemy import Engine, delete, insert, select, update
 from audsync import models
 from audsync.clock import utcnow
 from audsync.defaults import DEFAULT_FORGET_WAIT_MARGIN, DEFAULT_TIMEOUT
-from audsync.deliver import finalize_runs
 from audsync.errors import GleapAuthError, GleapError
 from audsync.gleap import GleapClient
 from audsync.history import set_run, start_run
@@ -209,7 +208,6 @@ def _wipe(engine: Engine, user_ids: list[str]) -> None:
             models.delivery_failures,
         ):
             conn.execute(delete(table).where(table.c.user_id.in_(user_ids)))
-        finalize_runs(conn)  # runs whose last pending change was theirs are done now
 
 
 def _mark(engine: Engine, user_id: str, *, error: str | None) -> None:
