@@ -415,7 +415,7 @@ def cmd_retry_failed(args: argparse.Namespace) -> int:
 
 
 def cmd_forget(args: argparse.Namespace) -> int:
-    from audsync.forget import forget, suppressed, unforget
+    from audsync.forget import forget, forget_wait, suppressed, unforget
     from audsync.state import open_configured
     from audsync.sync import make_client
 
@@ -442,11 +442,17 @@ def cmd_forget(args: argparse.Namespace) -> int:
         return EXIT_OK
     with make_client(config) as client:
         client.check_token()
-        report = forget(open_configured(config), client, args.user_ids)
+        report = forget(
+            open_configured(config),
+            client,
+            args.user_ids,
+            wait=forget_wait(config.gleap.timeout),
+            echo=lambda line: print(line, flush=True),
+        )
     for user_id in report.deleted:
         print(f"{user_id}: deleted in Gleap and suppressed")
     for user_id, why in report.failed.items():
-        _error(f"{user_id}: suppressed, but the Gleap delete failed ({why}); run forget again")
+        _error(f"{user_id}: suppressed, but not deleted in Gleap ({why}); run forget again")
     return EXIT_FAILED if report.failed else EXIT_OK
 
 

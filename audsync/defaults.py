@@ -33,6 +33,12 @@ DEFAULT_JITTER = 3600.0
 DEFAULT_TIMEOUT = 30.0
 """Per-request timeout in seconds; Gleap answers in well under a second normally."""
 
+DEFAULT_FORGET_WAIT_MARGIN = 35.0
+"""Seconds ``audsync forget`` waits for the deliverer beyond one request's timeout:
+the daemon rests 30 s between drains after Gleap trouble before it looks again,
+plus a few seconds for the state DB. Past this, forget exits 1 instead of deleting
+a contact that a call still in flight could recreate."""
+
 DEFAULT_CONCURRENCY = 8
 """Calls in flight at once: at ~200 ms per call, 8 keep 16.7 calls/s (1000/min) busy."""
 

@@ -18,7 +18,18 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Engine, bindparam, case, func, insert, select, text, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    bindparam,
+    case,
+    exists,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
 
 from audsync import models
 from audsync.clock import utcnow
@@ -46,7 +57,7 @@ from audsync.gleap import (
 )
 from audsync.locks import Lease, still_held
 from audsync.outage import outage_message, outage_verdict
-from audsync.plan import NO_RUN, PRIORITY_BACKFILL, PRIORITY_RETRY, PRIORITY_ROUTINE
+from audsync.plan import NO_RUN, PRIORITY_BACKFILL, PRIORITY_RETRY, PRIORITY_ROUTINE, withdraw
 
 ACK_BATCH = 64
 """Call results committed per acknowledging transaction, at most."""
@@ -59,6 +70,14 @@ UNAVAILABLE_STREAK = 20
 
 MAX_SKIPPED_USERS = 1000
 """Users left queued in one drain before it stops: beyond this, retrying later is wiser."""
+
+SUPPRESSION_POLL = 0.1
+"""Seconds between two looks for users ``audsync forget`` is waiting on: how long a
+forget waits for a drain with nothing of those users in flight."""
+
+LOOP_TICK = 0.25
+"""Seconds the drain waits for a call to end before it looks around again, so a
+forget is answered even while every call in flight is slow."""
 
 
 @dataclass(frozen=True)
@@ -114,8 +133,10 @@ def next_users(conn: Connection, limit: int, exclude: Collection[str] = ()) -> l
     """
     o = models.outbox.c
     users: list[str] = []
+    # A forgotten user's rows may linger until the forget removes them: never fetch them.
+    forgotten = exists().where(models.suppressions.c.user_id == o.user_id)
     for priority in (PRIORITY_ROUTINE, PRIORITY_BACKFILL):
-        query = select(o.user_id).where(o.priority == priority, o.state == "pending")
+        query = select(o.user_id).where(o.priority == priority, o.state == "pending", ~forgotten)
         if exclude:
             query = query.where(o.user_id.not_in(list(exclude)))
         wanted = limit - len(users)
@@ -236,14 +257,25 @@ def deliver(
     def halted() -> bool:
         return halt.is_set() or stop()
 
+    # Users `audsync forget` suppressed, as this drain last read them: not one
+    # more call about them starts (the set is replaced whole, never mutated, so
+    # the sender threads read it safely). See audsync/forget.py for the protocol.
+    blocked: frozenset[str] = frozenset()
+
     def send_user(user_id: str, changes: list[Change]) -> list[CallResult]:
         try:
             calls = plan_calls(user_id, changes)
         except PayloadError as exc:
             return [CallResult(changes, ok=False, status=None, reason=f"not sendable: {exc}")]
         results = []
+
+        def give_up() -> bool:
+            return halted() or user_id in blocked
+
         for body, carried in calls:
-            outcome = client.identify(body, stop=halted)
+            if user_id in blocked:
+                raise Interrupted(f"{user_id} was forgotten")
+            outcome = client.identify(body, stop=give_up)
             results.append(
                 CallResult(carried, outcome.ok, outcome.status, outcome.reason, 1 + outcome.retries)
             )
@@ -320,8 +352,59 @@ def deliver(
     in_flight: dict[Future[list[CallResult]], str] = {}
     queue: deque[tuple[str, list[Change]]] = deque()
     since_finalize = 0
+    last_poll = -SUPPRESSION_POLL
+
+    def answer_forgets(now: bool = False) -> None:
+        """Block users a forget is waiting on; confirm those with no call in flight.
+
+        A confirmation (``suppressions.calls_stopped_at``) is written only for
+        users in ``blocked`` with no sender working on them and every result of
+        theirs acknowledged: from then on this drain sends nothing about them.
+        """
+        nonlocal blocked, last_poll
+        if not now and time.monotonic() - last_poll < SUPPRESSION_POLL:
+            return
+        last_poll = time.monotonic()
+        s = models.suppressions.c
+        with engine.connect() as conn:
+            waiting = set(
+                conn.execute(select(s.user_id).where(s.calls_stopped_at.is_(None))).scalars()
+            )
+        if not waiting:
+            return
+        if not waiting <= blocked:
+            blocked = blocked | waiting
+            kept = [(u, c) for u, c in queue if u not in blocked]
+            queue.clear()
+            queue.extend(kept)
+        ready = sorted(waiting - set(in_flight.values()))
+        if unacked & set(ready):
+            flush_acks()  # their results are committed before the forget goes on
+        if not ready:
+            return
+        try:
+            with engine.begin() as conn:
+                guard(conn)
+                # Their queued changes will never be sent: credit them as superseded.
+                withdraw(conn, models.outbox.c.user_id.in_(ready))
+            # A transaction of its own that touches nothing else: on PostgreSQL it
+            # may wait for a plan's SHARE lock (plan.drop_forgotten) while holding
+            # no row that plan could be waiting for.
+            with engine.begin() as conn:
+                guard(conn)
+                conn.execute(
+                    update(models.suppressions)
+                    .where(s.user_id.in_(ready), s.calls_stopped_at.is_(None))
+                    .values(calls_stopped_at=utcnow())
+                )
+        except LeaseLost as exc:
+            report.error = report.error or exc
+            halt.set()
+
+    answer_forgets(now=True)  # the daemon calls deliver() every second: answer at once
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="audsync-send") as pool:
         while True:
+            answer_forgets()
             # Refill before the queue runs dry, so the pacer never waits on the
             # database; users already queued, in flight or skipped are left out.
             if not in_flight or len(queue) < concurrency:
@@ -342,10 +425,12 @@ def deliver(
                         mark_attempted(conn, users)
             while queue and len(in_flight) < concurrency * 2 and not halted():
                 user_id, changes = queue.popleft()
+                if user_id in blocked:
+                    continue  # forgotten since it was fetched
                 in_flight[pool.submit(send_user, user_id, changes)] = user_id
             if not in_flight:
                 break  # nothing pending, or halted with nothing left in flight
-            done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+            done, _ = wait(in_flight, timeout=LOOP_TICK, return_when=FIRST_COMPLETED)
             for future in done:
                 user_id = in_flight.pop(future)
                 try:
@@ -404,6 +489,7 @@ def deliver(
     held.clear()  # stopped early: unblamed, they stay pending for the next drain
     flush_acks()
     flush_events(all_of_them=True)
+    answer_forgets(now=True)  # nothing is in flight any more
     with engine.begin() as conn:
         finalize_runs(conn)
     if report.error is None and skipped and last_unavailable is not None:
@@ -435,8 +521,21 @@ def _acknowledge(
         delivered_by_run: dict[int, int] = {}
         failed_by_run: dict[int, int] = {}
         acknowledged: list[Change] = []
+        # A user forgotten while their call was in flight: Gleap's answer moves
+        # nothing (no ledger row, no event, no failure); the forget deletes the
+        # contact once this transaction is committed and the user confirmed.
+        users = sorted({c.user_id for r in results for c in r.changes})
+        s = models.suppressions.c
+        forgotten = set(
+            conn.execute(
+                select(s.user_id).where(s.user_id.in_(bindparam("users", expanding=True))),
+                {"users": users},
+            ).scalars()
+        )
         for result in results:
             for change in result.changes:
+                if change.user_id in forgotten:
+                    continue
                 if result.ok:
                     kind = event_kinds.get(change.audience_key)
                     if kind is not None:  # before the ledger moves: old -> new

@@ -7,6 +7,8 @@ same value is no transition. Events wait in ``event_outbox`` and go out up to
 100 per Track call under the same budget as Identify; a row is deleted only
 after Gleap answered 2xx (at-least-once for a call in flight at a crash), or
 once Gleap refused that one event on its own (recorded in delivery_failures).
+Events of a user ``audsync forget`` suppressed are dropped before each batch is
+read, never sent.
 """
 
 from __future__ import annotations
@@ -137,7 +139,12 @@ def send_events(
     ``guard`` runs first in every writing transaction (the lease's fencing check).
     """
     e = models.event_outbox.c
-    with engine.connect() as conn:
+    with engine.begin() as conn:
+        # Never an event about a forgotten user, not even one queued before the
+        # forget (or by an acknowledgement racing it): they are dropped unsent.
+        conn.execute(
+            delete(models.event_outbox).where(e.user_id.in_(select(models.suppressions.c.user_id)))
+        )
         rows = conn.execute(
             select(e.id, e.audience_key, e.user_id, e.name, e.data, e.occurred_at)
             .order_by(e.id)

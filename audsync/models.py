@@ -196,6 +196,9 @@ suppressions = Table(
     Column("suppressed_at", DateTime, nullable=False),
     Column("deleted_in_gleap_at", DateTime),
     Column("last_error", Text),
+    # Set by the deliverer once no call about this user is in flight and none
+    # will be sent; NULL while a forget waits for that (see audsync/forget.py).
+    Column("calls_stopped_at", DateTime),
 )
 
 TERMINAL_STATUSES = ("succeeded", "partial", "failed", "held", "interrupted")

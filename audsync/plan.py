@@ -32,6 +32,11 @@ NO_RUN = 0
 """The run_id of a rejected pending change between runs: the run that sent it already
 counted it as failed, so no run holds it as pending until a plan takes it over."""
 
+NOT_FORGOTTEN = "NOT EXISTS (SELECT 1 FROM suppressions x WHERE x.user_id = {})"
+"""SQL: the user in column ``{}`` is not suppressed by ``audsync forget``. Every
+statement that writes the outbox re-checks it: on PostgreSQL (READ COMMITTED)
+each statement sees the suppressions committed before it started."""
+
 
 def choose_mode(ledger_rows: int, full: bool) -> Mode:
     """``full`` when asked; ``initial`` when Gleap has never been told about this key."""
@@ -197,12 +202,14 @@ def plan_definition(
                     "INSERT INTO outbox (audience_key, user_id, value, contact, run_id, version,"
                     " priority, state, attempts, queued_at)"
                     " SELECT audience_key, user_id, value, contact, :run, 1, :prio, 'pending', 0,"
-                    " :now FROM snapshot WHERE audience_key = :k"
+                    " :now FROM snapshot WHERE audience_key = :k AND "
+                    + NOT_FORGOTTEN.format("snapshot.user_id")
                 ),
                 {"k": key, "run": run_id, "prio": PRIORITY_BACKFILL, "now": utcnow()},
             ).rowcount
         )
         _record_audience(conn, definition, result.members)
+        drop_forgotten(conn, key)
         return result
 
     if conn.dialect.name == "postgresql":
@@ -272,6 +279,7 @@ def plan_definition(
             " version = version + 1, run_id = :run, priority = 0, queued_at = :now"
             " WHERE audience_key = :k AND state = 'pending' AND attempted"
             " AND NOT EXISTS (SELECT 1 FROM audsync_changes c WHERE c.user_id = outbox.user_id)"
+            " AND " + NOT_FORGOTTEN.format("outbox.user_id")
         ),
         {**params, "absent": absent},
     ).rowcount
@@ -279,7 +287,10 @@ def plan_definition(
         text(
             "DELETE FROM outbox WHERE audience_key = :k AND NOT EXISTS"
             " (SELECT 1 FROM audsync_changes c WHERE c.user_id = outbox.user_id)"
-            " AND NOT (state = 'pending' AND attempted)"
+            # A forgotten user's value goes even if attempted: the contact is deleted.
+            " AND NOT (state = 'pending' AND attempted AND "
+            + NOT_FORGOTTEN.format("outbox.user_id")
+            + ")"
         ),
         params,
     )
@@ -288,8 +299,9 @@ def plan_definition(
             "INSERT INTO outbox (audience_key, user_id, value, contact, run_id, version,"
             " priority, state, attempts, queued_at)"
             " SELECT :k, c.user_id, c.value, c.contact, :run, 1, :prio, 'pending', 0, :now"
-            " FROM audsync_changes c WHERE true"
-            " ON CONFLICT (user_id, audience_key) DO UPDATE SET"
+            " FROM audsync_changes c WHERE "
+            + NOT_FORGOTTEN.format("c.user_id")
+            + " ON CONFLICT (user_id, audience_key) DO UPDATE SET"
             " value = excluded.value, contact = excluded.contact, run_id = excluded.run_id,"
             " version = outbox.version + 1, priority = excluded.priority, state = 'pending',"
             # Rejections in a row count whatever the value does: only an
@@ -306,7 +318,28 @@ def plan_definition(
     # inserted + updated + overwritten: what this run now owns
     result.queued = int(upserted.rowcount) + int(overwritten)
     _record_audience(conn, definition, result.members)
+    drop_forgotten(conn, key)
     return result
+
+
+def drop_forgotten(conn: Connection, key: str) -> None:
+    """Last statements of a plan: remove what it wrote about users forgotten meanwhile.
+
+    On PostgreSQL a SHARE lock on ``suppressions`` (held until this plan commits)
+    orders every forget against the plan: a forget's suppression either commits
+    before the lock is granted — and the deletes below see it — or waits for the
+    plan to commit, and the forget wipes the user's rows after it. On SQLite the
+    plan's transaction is the only writer, so the same holds without a lock.
+    """
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("LOCK TABLE suppressions IN SHARE MODE")
+    forgotten = select(models.suppressions.c.user_id)
+    withdraw(conn, models.outbox.c.audience_key == key, models.outbox.c.user_id.in_(forgotten))
+    conn.execute(
+        delete(models.snapshot).where(
+            models.snapshot.c.audience_key == key, models.snapshot.c.user_id.in_(forgotten)
+        )
+    )
 
 
 def _has_outbox_rows(conn: Connection, key: str) -> bool:
@@ -434,6 +467,7 @@ def _fill_changes(conn: Connection, key: str, absent: str, *, full: bool) -> Non
             " FROM snapshot s LEFT JOIN ledger l"
             " ON l.audience_key = s.audience_key AND l.user_id = s.user_id"
             " WHERE s.audience_key = :k AND (:full OR l.value IS NULL OR l.value <> s.value)"
+            " AND " + NOT_FORGOTTEN.format("s.user_id")
         ),
         params,
     )
@@ -445,6 +479,9 @@ def _fill_changes(conn: Connection, key: str, absent: str, *, full: bool) -> Non
             " FROM ledger l WHERE l.audience_key = :k AND (:full OR l.value <> :absent)"
             " AND NOT EXISTS (SELECT 1 FROM snapshot s"
             " WHERE s.audience_key = l.audience_key AND s.user_id = l.user_id)"
+            # The exited side comes from the ledger, which keeps a forgotten
+            # user's rows until the forget wipes them: never tell Gleap `false`.
+            " AND " + NOT_FORGOTTEN.format("l.user_id")
         ),
         params,
     )

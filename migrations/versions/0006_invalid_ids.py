@@ -1,8 +1,8 @@
 """Count the rows skipped because their user id cannot be stored, with the reasons.
 
-Revision ID: 0006_rows
+Revision ID: 0006
 Revises: 0005
-Create Date: 2026-12-01
+Create Date: 2026-11-29
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0006_rows"
+revision = "0006"
 down_revision = "0005"
 branch_labels = None
 depends_on = None
