@@ -50,6 +50,7 @@ from audsync.history import (
 )
 from audsync.metrics import Metrics
 from audsync.plan import ensure_audience
+from audsync.signals import relay_signals
 from audsync.source import open_source
 from audsync.state import open_configured
 from audsync.sync import (
@@ -140,9 +141,14 @@ class Daemon:
 
     def run(self) -> int:
         """Start up, serve until a signal, shut down cleanly. Returns the exit code."""
-        if self.install_signals:
-            signal.signal(signal.SIGTERM, self._on_signal)
-            signal.signal(signal.SIGINT, self._on_signal)
+        if not self.install_signals:
+            return self._run()
+        # Taken on a thread of their own: a source query stuck in a driver's C
+        # code would otherwise hold the first signal back until it ends.
+        with relay_signals(lambda signum: self._on_signal(signum, None)):
+            return self._run()
+
+    def _run(self) -> int:
         closed = mark_interrupted(self.state)
         if closed:
             log.info("closed %d runs left open by a dead process", closed)
