@@ -10,8 +10,9 @@ and routine changes overtake the backfill (the outbox is drained by priority).
 A second daemon on the same state DB stands by: it plans on its schedule (under
 per-audience leases) and takes over delivery when the first one's lease expires.
 
-Signals: the first SIGTERM/SIGINT finishes the calls in flight, records every
-run's state, releases the leases and exits 0; a second one exits at once.
+Signals: the first SIGTERM/SIGINT finishes the calls in flight (abandoning any
+that has not answered within DEFAULT_STOP_GRACE), cancels a running source query,
+records every run's state, releases the leases and exits 0; a second one exits at once.
 """
 
 from __future__ import annotations
