@@ -13,10 +13,12 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, text
 
+from audsync import locks
 from audsync.defaults import DEFAULT_STOP_GRACE
 from audsync.errors import GleapUnavailable, Interrupted
 from audsync.gleap import GleapClient
 from audsync.sandbox import Sandbox
+from audsync.state import open_state
 from tests.conftest import (
     AUDIENCES,
     TOKEN,
@@ -238,3 +240,33 @@ def test_a_signal_interrupts_a_slow_sqlite_query(
     assert time.monotonic() - asked < STOPPED_WITHIN, sync.output()
     runs = query(state_url, "SELECT status FROM sync_runs")
     assert [r["status"] for r in runs] == ["interrupted"], runs
+
+
+@pytest.mark.slow
+def test_a_signal_ends_a_sync_waiting_for_another_planner(
+    tmp_path: Path, warehouse: Warehouse, gleap: Sandbox, processes: list[Process]
+) -> None:
+    seed(warehouse, 10)
+    state_url = f"sqlite:///{tmp_path / 'state.db'}"
+    path = write_config(
+        tmp_path,
+        base_url=gleap.url,
+        source_url=warehouse.url,
+        state_url=state_url,
+        body=AUDIENCES,
+    )
+    engine = open_state(state_url)
+    # Another planner holds `buyers` for the next ten minutes.
+    assert locks.acquire(engine, locks.plan_lease_name("buyers"), "other-planner", 600)
+    sync = Process(tmp_path, "sync", "-c", str(path), "sync", "--wait", "--progress", "off")
+    processes.append(sync)
+    wait_for(lambda: "to finish planning buyers" in sync.output(), what="the wait")
+    sync.signal(signal.SIGTERM)
+    asked = time.monotonic()
+    assert sync.wait(timeout=60) == 130, sync.output()
+    assert time.monotonic() - asked < STOPPED_WITHIN, sync.output()
+    assert "stopped while waiting to plan 'buyers'" in sync.output()
+    # It gave back the leases it held while waiting: only the other planner's is left.
+    held = query(state_url, "SELECT name, holder FROM leases WHERE holder IS NOT NULL")
+    assert held == [{"name": "plan:buyers", "holder": "other-planner"}]
+    engine.dispose()
