@@ -18,7 +18,6 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -277,11 +276,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 @contextlib.contextmanager
 def _warm_stop() -> Iterator[threading.Event]:
-    """The first SIGINT/SIGTERM finishes the calls in flight and records every run
-    (warm); a second one exits at once (cold). Nothing is lost either way."""
+    """The first SIGINT/SIGTERM finishes the calls in flight, cancels a running
+    source query and records every run (warm); a second one exits at once (cold).
+    Nothing is lost either way. The signals are taken on a thread of their own,
+    so a query stuck in a driver's C code cannot delay them."""
+    from audsync.signals import relay_signals
+
     stopping = threading.Event()
 
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
+    def on_signal(signum: int) -> None:
         if stopping.is_set():
             _error("second signal: exiting now; unacknowledged changes stay queued")
             os._exit(EXIT_INTERRUPTED)
@@ -291,12 +294,8 @@ def _warm_stop() -> Iterator[threading.Event]:
             signal.Signals(signum).name,
         )
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with relay_signals(on_signal):
         yield stopping
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def _interrupted(stopping: threading.Event) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import time
 
 
 def utcnow() -> dt.datetime:
@@ -16,8 +15,3 @@ def unix_seconds(moment: dt.datetime | None) -> float | None:
     if moment is None:
         return None
     return moment.replace(tzinfo=dt.UTC).timestamp()
-
-
-def wall() -> float:
-    """Unix seconds, for lease expiry (comparable across hosts)."""
-    return time.time()

@@ -31,7 +31,13 @@ DEFAULT_JITTER = 3600.0
 """... plus up to 1 h, so many installations do not hit Gleap at the same instant."""
 
 DEFAULT_TIMEOUT = 30.0
-"""Per-request timeout in seconds; Gleap answers in well under a second normally."""
+"""Seconds one request may take in all, answer included; Gleap answers in well
+under a second normally."""
+
+DEFAULT_STOP_GRACE = 2.0
+"""Seconds a stop request lets a call in flight finish before abandoning it (the
+change stays queued): long enough for a normal answer, short enough that the
+first Ctrl-C ends the process within a few seconds whatever Gleap is doing."""
 
 DEFAULT_FORGET_WAIT_MARGIN = 35.0
 """Seconds ``audsync forget`` waits for the deliverer beyond one request's timeout:

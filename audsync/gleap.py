@@ -3,6 +3,9 @@
 Bodies are built by pure functions (:func:`identify_bodies`); :class:`GleapClient`
 sends them with the ``Api-Token`` header under a shared :class:`~audsync.pacing.Pacer`,
 retrying 429/5xx/network errors with backoff that honours ``Retry-After``.
+``timeout`` bounds each attempt as a whole — connecting, sending and reading the
+entire answer — and a stop request abandons an attempt still in flight after
+:data:`~audsync.defaults.DEFAULT_STOP_GRACE` seconds (see :class:`_Exchange`).
 Pass ``transport=`` (any httpx transport) to test without a network.
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 import email.utils
 import json
 import random
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -197,6 +201,72 @@ _STATS_FIELD: dict[str, str] = {
 }
 
 
+EXCHANGE_POLL = 0.1
+"""Seconds between looks at the deadline and the stop request while an answer is awaited."""
+
+
+class _Exchange:
+    """One HTTP request and its whole answer, on a daemon thread its caller can walk away from.
+
+    httpx's ``timeout`` bounds each read, so a server trickling a byte every few
+    seconds keeps a plain call alive indefinitely, and a blocked read cannot be
+    interrupted from another thread. Run here, the caller waits with a deadline
+    of its own; the reader stops between chunks once abandoned, and a read that
+    hears nothing ends at httpx's per-read timeout. Being a daemon thread, an
+    abandoned reader never holds up the process's exit.
+    """
+
+    def __init__(self, http: httpx.Client, request: httpx.Request) -> None:
+        self.request = request
+        self.done = threading.Event()
+        self._http = http
+        self._abandoned = threading.Event()
+        self._response: httpx.Response | None = None
+        self._error: BaseException | None = None
+        threading.Thread(target=self._run, name="audsync-http", daemon=True).start()
+
+    def abandon(self) -> None:
+        """Tell the reader to drop the answer at its next chunk and close the connection."""
+        self._abandoned.set()
+
+    def result(self) -> httpx.Response:
+        """The complete answer (call after ``done``); raises what the exchange raised."""
+        if self._error is not None:
+            raise self._error
+        assert self._response is not None
+        return self._response
+
+    def _run(self) -> None:
+        try:
+            response = self._http.send(self.request, stream=True)
+            try:
+                body = bytearray()
+                for chunk in response.iter_bytes():
+                    if self._abandoned.is_set():
+                        return  # nobody waits for it any more
+                    body += chunk
+            finally:
+                response.close()
+            # A plain, fully read response; the body is decoded already.
+            headers = response.headers.copy()
+            headers.pop("Content-Encoding", None)
+            self._response = httpx.Response(
+                response.status_code,
+                headers=headers,
+                content=bytes(body),
+                request=self.request,
+                extensions={
+                    k: v
+                    for k, v in response.extensions.items()
+                    if k in ("http_version", "reason_phrase")
+                },
+            )
+        except BaseException as exc:  # handed to the caller, who decides
+            self._error = exc
+        finally:
+            self.done.set()
+
+
 class GleapClient:
     """Send calls to Gleap's admin API under a shared budget, with retries."""
 
@@ -216,6 +286,7 @@ class GleapClient:
         observer: CallObserver | None = None,
     ) -> None:
         self._token = token
+        self.timeout = timeout
         self.observer = observer
         self.max_retries = max_retries
         self.pacer = pacer or Pacer(rate_limit, rate_window)
@@ -298,7 +369,7 @@ class GleapClient:
                 raise Interrupted("stopped while waiting for the rate budget")
             retry_after: float | None = None
             try:
-                response = self._http.request(method, path, params=params, content=content)
+                response = self._exchange(method, path, params, content, stop)
             except httpx.TransportError as exc:
                 self._record(endpoint, "network_error")
                 last_problem = self._network_problem(exc)
@@ -365,6 +436,39 @@ class GleapClient:
             f"Gleap did not accept {method} {path} after {failures + throttles} retries"
             f" (last: {last_problem})"
         )
+
+    def _exchange(
+        self,
+        method: str,
+        path: str,
+        params: dict[str, str] | None,
+        content: bytes | None,
+        stop: Callable[[], bool] | None,
+    ) -> httpx.Response:
+        """One attempt, answered in full within ``timeout`` seconds in all.
+
+        Raises httpx.ReadTimeout past the deadline (a network error, retried
+        like one) and Interrupted when ``stop`` has asked for DEFAULT_STOP_GRACE
+        seconds while the answer is still coming: a shutdown lets a call in
+        flight finish, but never waits long for it. The change stays queued.
+        """
+        request = self._http.build_request(method, path, params=params, content=content)
+        exchange = _Exchange(self._http, request)
+        deadline = time.monotonic() + self.timeout
+        stop_asked: float | None = None
+        while not exchange.done.wait(EXCHANGE_POLL):
+            now = time.monotonic()
+            if now >= deadline:
+                exchange.abandon()
+                raise httpx.ReadTimeout(
+                    f"no complete answer within {self.timeout:g}s", request=request
+                )
+            if stop is not None and stop():
+                stop_asked = now if stop_asked is None else stop_asked
+                if now - stop_asked >= defaults.DEFAULT_STOP_GRACE:
+                    exchange.abandon()
+                    raise Interrupted("stopped while a call was in flight; it stays queued")
+        return exchange.result()
 
     def _sleep_for(self, seconds: float, stop: Callable[[], bool] | None) -> None:
         # Slept in short steps so a shutdown request is noticed within 0.25 s.

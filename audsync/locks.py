@@ -5,6 +5,10 @@ Acquiring is a compare-and-set on the token (no ``SELECT ... FOR UPDATE``), so
 the same code works on SQLite and PostgreSQL. A holder that dies simply stops
 renewing; once ``expires_at`` passes, the next process takes the lease with a
 larger token, and the old holder's writes — which check the token — are refused.
+
+Every expiry is computed and compared with the state DB's clock (:func:`db_now`),
+never a host's: hosts whose clocks disagree by minutes still agree on whether a
+lease has expired, so a host running ahead cannot take a live lease.
 """
 
 from __future__ import annotations
@@ -12,15 +16,28 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, insert, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Float,
+    cast,
+    extract,
+    func,
+    insert,
+    literal,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.sql.elements import ColumnElement
 
 from audsync import models
-from audsync.clock import utcnow, wall
+from audsync.clock import utcnow
 from audsync.defaults import DEFAULT_LEASE_TTL
 
 DELIVER_LEASE = "deliver"
@@ -29,6 +46,35 @@ DELIVER_LEASE = "deliver"
 def plan_lease_name(key: str) -> str:
     """The lease that guards planning of one audience or trait."""
     return f"plan:{key}"
+
+
+UNIX_EPOCH_JULIAN_DAY = 2440587.5
+"""The Julian day number of 1970-01-01 00:00 UTC (SQLite's ``julianday`` counts from 4713 BC)."""
+
+
+def db_now(dialect: str) -> ColumnElement[float]:
+    """The state DB's clock as unix seconds, as a SQL expression for ``dialect``.
+
+    PostgreSQL's ``clock_timestamp()`` is the server's time at the moment of the
+    statement (not of the transaction's start, which may be old). A SQLite file
+    has no server: its clock is the host's, which every process sharing the file
+    has in common.
+    """
+    if dialect == "postgresql":
+        return cast(extract("epoch", func.clock_timestamp()), Float)
+    if dialect == "sqlite":
+        return (func.julianday("now") - UNIX_EPOCH_JULIAN_DAY) * 86400.0
+    # No other state DB is supported; the host's clock is the best there is.
+    return literal(time.time(), Float)
+
+
+def may_take(holder: str | None, expires_at: float, now: float, me: str, dead_here: bool) -> bool:
+    """Whether ``me`` may take a lease row held by ``holder`` until ``expires_at``.
+
+    ``now`` is the state DB's time; ``dead_here`` says the holder is a process
+    on this host that no longer exists. Free, ours, expired or dead: take it.
+    """
+    return holder is None or holder == me or expires_at <= now or dead_here
 
 
 def holder_identity() -> str:
@@ -48,8 +94,12 @@ class Lease:
 
 
 def acquire(engine: Engine, name: str, holder: str, ttl: float = DEFAULT_LEASE_TTL) -> Lease | None:
-    """Take the lease if it is free, expired or already ours; None when someone else holds it."""
-    now = wall()
+    """Take the lease if it is free, expired or already ours; None when someone else holds it.
+
+    Expired means by the state DB's clock, and the new expiry is the DB's time
+    plus ``ttl``: this host's clock plays no part.
+    """
+    now = db_now(engine.dialect.name)
     try:
         with engine.begin() as conn:
             row = conn.execute(
@@ -59,6 +109,7 @@ def acquire(engine: Engine, name: str, holder: str, ttl: float = DEFAULT_LEASE_T
                     models.leases.c.expires_at,
                     models.leases.c.host,
                     models.leases.c.pid,
+                    now.label("db_now"),
                 ).where(models.leases.c.name == name)
             ).first()
             values: dict[str, Any] = {
@@ -70,20 +121,36 @@ def acquire(engine: Engine, name: str, holder: str, ttl: float = DEFAULT_LEASE_T
             }
             if row is None:
                 conn.execute(insert(models.leases).values(name=name, token=1, **values))
-                return Lease(name, holder, 1, ttl, now + ttl)
-            if row.holder not in (None, holder) and row.expires_at > now and not _dead_here(row):
-                return None
-            token = row.token + 1
-            done = conn.execute(
-                update(models.leases)
-                .where(models.leases.c.name == name, models.leases.c.token == row.token)
-                .values(token=token, **values)
-            )
-            if done.rowcount != 1:
-                return None
-            return Lease(name, holder, token, ttl, now + ttl)
+                token = 1
+            else:
+                if not may_take(row.holder, row.expires_at, row.db_now, holder, _dead_here(row)):
+                    return None
+                token = row.token + 1
+                # The expiry seen is part of the compare-and-set: a renewal that
+                # lands between our read and this write keeps the lease its holder's.
+                done = conn.execute(
+                    update(models.leases)
+                    .where(
+                        models.leases.c.name == name,
+                        models.leases.c.token == row.token,
+                        models.leases.c.expires_at == row.expires_at,
+                    )
+                    .values(token=token, **values)
+                )
+                if done.rowcount != 1:
+                    return None
+            return Lease(name, holder, token, ttl, _expiry(conn, name))
     except IntegrityError:
         return None  # another process inserted the row first
+
+
+def _expiry(conn: Connection, name: str) -> float:
+    # Read back what the DB computed, so Lease.expires_at is in the DB's time too.
+    return float(
+        conn.execute(
+            select(models.leases.c.expires_at).where(models.leases.c.name == name)
+        ).scalar_one()
+    )
 
 
 def pid_alive(pid: int) -> bool:
@@ -109,8 +176,7 @@ def _dead_here(row: Any) -> bool:
 
 
 def renew(engine: Engine, lease: Lease) -> bool:
-    """Push the expiry forward; False when the lease was lost (expired and taken)."""
-    expires = wall() + lease.ttl
+    """Push the expiry to the DB's time plus the TTL; False when the lease was lost (taken)."""
     with engine.begin() as conn:
         done = conn.execute(
             update(models.leases)
@@ -119,12 +185,12 @@ def renew(engine: Engine, lease: Lease) -> bool:
                 models.leases.c.holder == lease.holder,
                 models.leases.c.token == lease.token,
             )
-            .values(expires_at=expires)
+            .values(expires_at=db_now(engine.dialect.name) + lease.ttl)
         )
-    if done.rowcount == 1:
-        lease.expires_at = expires
-        return True
-    return False
+        if done.rowcount != 1:
+            return False
+        lease.expires_at = _expiry(conn, lease.name)
+    return True
 
 
 def release(engine: Engine, lease: Lease) -> None:
@@ -152,12 +218,21 @@ def still_held(conn: Connection, lease: Lease) -> bool:
 
 
 def current_holder(engine: Engine, name: str) -> dict[str, Any] | None:
-    """Who holds ``name`` now (holder, host, pid, expires_at), or None when it is free."""
+    """Who holds ``name`` now (holder, host, pid, expires_at), or None when it is free.
+
+    ``expires_at`` is unix seconds by the state DB's clock, like every lease expiry.
+    """
     with engine.connect() as conn:
-        row = conn.execute(select(models.leases).where(models.leases.c.name == name)).first()
-    if row is None or row.holder is None or row.expires_at <= wall() or _dead_here(row):
+        row = conn.execute(
+            select(models.leases, db_now(engine.dialect.name).label("db_now")).where(
+                models.leases.c.name == name
+            )
+        ).first()
+    if row is None or row.holder is None or row.expires_at <= row.db_now or _dead_here(row):
         return None
-    return dict(row._mapping)
+    held = dict(row._mapping)
+    del held["db_now"]
+    return held
 
 
 class Heartbeat:

@@ -10,8 +10,9 @@ and routine changes overtake the backfill (the outbox is drained by priority).
 A second daemon on the same state DB stands by: it plans on its schedule (under
 per-audience leases) and takes over delivery when the first one's lease expires.
 
-Signals: the first SIGTERM/SIGINT finishes the calls in flight, records every
-run's state, releases the leases and exits 0; a second one exits at once.
+Signals: the first SIGTERM/SIGINT finishes the calls in flight (abandoning any
+that has not answered within DEFAULT_STOP_GRACE), cancels a running source query,
+records every run's state, releases the leases and exits 0; a second one exits at once.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from audsync.history import (
 )
 from audsync.metrics import Metrics
 from audsync.plan import ensure_audience, withdraw
+from audsync.signals import relay_signals
 from audsync.source import open_source
 from audsync.state import open_configured
 from audsync.sync import (
@@ -147,9 +149,14 @@ class Daemon:
 
     def run(self) -> int:
         """Start up, serve until a signal, shut down cleanly. Returns the exit code."""
-        if self.install_signals:
-            signal.signal(signal.SIGTERM, self._on_signal)
-            signal.signal(signal.SIGINT, self._on_signal)
+        if not self.install_signals:
+            return self._run()
+        # Taken on a thread of their own: a source query stuck in a driver's C
+        # code would otherwise hold the first signal back until it ends.
+        with relay_signals(lambda signum: self._on_signal(signum, None)):
+            return self._run()
+
+    def _run(self) -> int:
         closed = mark_interrupted(self.state)
         if closed:
             log.info("closed %d runs left open by a dead process", closed)

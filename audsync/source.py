@@ -8,11 +8,14 @@ source engine so duplicates arrive side by side and collapse in O(1) memory.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from audsync.config import Definition
@@ -26,6 +29,8 @@ from audsync.values import (
     timestamp,
     user_id_problem,
 )
+
+log = logging.getLogger("audsync.source")
 
 INVALID_MARK = "__invalid__"
 """Contact key carrying why a user's row holds a value Gleap cannot store."""
@@ -51,6 +56,9 @@ _SPECIAL = {
     *_STRING_FIELDS,
     *_NAME_PARTS,
 }
+
+CANCEL_POLL = 0.1
+"""Seconds between looks at the stop request while a source query runs."""
 
 SnapshotRow = tuple[str, str, str | None]
 """(user_id, canonical JSON value, contact JSON or None)."""
@@ -194,7 +202,7 @@ def stream_snapshot(
     Raises SourceError naming the audience when the query fails.
     """
     key = definition.key
-    columns = _columns(engine, definition)
+    columns = _columns(engine, definition, stop)
     stats.columns = columns
     lower = [c.lower() for c in columns]
     if "user_id" not in lower:
@@ -215,8 +223,9 @@ def stream_snapshot(
     id_at = lower.index("user_id")
     value_at = lower.index("value") if is_trait else -1
     contact_at = [(i, name) for i, name in enumerate(lower) if i not in (id_at, value_at)]
+    cancelled: Callable[[], bool] = _never
     try:
-        with engine.connect() as conn:
+        with engine.connect() as conn, cancel_on_stop(conn, stop) as cancelled:
             result = conn.execution_options(stream_results=True, yield_per=chunk_size).execute(
                 text(ordered)
             )
@@ -260,7 +269,65 @@ def stream_snapshot(
                 if out:
                     yield out
     except SQLAlchemyError as exc:
+        if cancelled():
+            raise Interrupted(f"planning {key} stopped by a shutdown request") from None
         raise SourceError(key, f"query failed: {first_line(exc)}") from None
+
+
+@contextlib.contextmanager
+def cancel_on_stop(
+    conn: Connection, stop: Callable[[], bool] | None
+) -> Iterator[Callable[[], bool]]:
+    """While the block runs, cancel the statement running on ``conn`` once ``stop()`` is true.
+
+    A slow query (a warehouse scan, ``pg_sleep``) blocks inside the driver, where
+    no Python check can run; a watcher thread asks the driver to cancel it
+    instead (PostgreSQL ``cancel``, SQLite and DuckDB ``interrupt``), so a stop
+    takes effect within a fraction of a second and the database stops working
+    too. Yields a callable that says whether the watcher cancelled: the driver
+    error that follows is then a stop, not a failing query.
+    """
+    if stop is None:
+        yield _never
+        return
+    driver = conn.connection.driver_connection
+    done = threading.Event()
+    cancelled = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(CANCEL_POLL):
+            if stop():
+                cancelled.set()
+                # Again at every poll until the block ends: a cancel that lands
+                # just before the statement starts is a no-op for the driver.
+                cancel_query(driver)
+
+    watcher = threading.Thread(target=watch, name="audsync-query-cancel", daemon=True)
+    watcher.start()
+    try:
+        yield cancelled.is_set
+    finally:
+        done.set()
+        watcher.join()
+
+
+def _never() -> bool:
+    return False
+
+
+def cancel_query(driver: Any) -> bool:
+    """Ask a DBAPI connection to cancel what it is running; False when it cannot."""
+    # psycopg 3.2+ cancel_safe(), psycopg 2/3 cancel(), sqlite3 and DuckDB interrupt().
+    for name in ("cancel_safe", "cancel", "interrupt"):
+        method = getattr(driver, name, None)
+        if callable(method):
+            try:
+                method()
+            except Exception as exc:  # a failed cancel must not hide the stop itself
+                log.warning("could not cancel the source query: %s", exc)
+                return False
+            return True
+    return False
 
 
 # Sorting by the id's text (byte order) makes the snapshot load append to the
@@ -281,12 +348,17 @@ def text_order(dialect: str) -> str:
     return _TEXT_ORDER.get(dialect, "user_id")
 
 
-def _columns(engine: Engine, definition: Definition) -> list[str]:
+def _columns(
+    engine: Engine, definition: Definition, stop: Callable[[], bool] | None = None
+) -> list[str]:
     probe = f"SELECT * FROM (\n{definition.sql}\n) audsync_q WHERE 1 = 0"
+    cancelled: Callable[[], bool] = _never
     try:
-        with engine.connect() as conn:
+        with engine.connect() as conn, cancel_on_stop(conn, stop) as cancelled:
             return list(conn.execute(text(probe)).keys())
     except SQLAlchemyError as exc:
+        if cancelled():
+            raise Interrupted(f"planning {definition.key} stopped by a shutdown request") from None
         raise SourceError(definition.key, f"query failed: {first_line(exc)}") from None
 
 

@@ -236,6 +236,7 @@ def plan_all(
         wait=wait,
         skip_held=skip_held,
         echo=echo,
+        stop=stop,
     )
     progress = progress or Progress()
     # Plans take wildly different times: a rate or ETA over them would mislead.
@@ -279,11 +280,13 @@ def _acquire_plan_leases(
     wait: bool,
     skip_held: bool,
     echo: Printer,
+    stop: Callable[[], bool] | None = None,
 ) -> dict[str, locks.Lease]:
     leases: dict[str, locks.Lease] = {}
     try:
         for definition in definitions:
             name = locks.plan_lease_name(definition.key)
+            told = False
             while (lease := locks.acquire(state, name, holder, ttl)) is None:
                 other = locks.current_holder(state, name) or {}
                 who = f"{other.get('host')} pid {other.get('pid')}"
@@ -295,6 +298,11 @@ def _acquire_plan_leases(
                         f"{definition.key!r} is being planned by {who};"
                         " use --wait to queue behind it"
                     )
+                if not told:
+                    echo(f"waiting for {who} to finish planning {definition.key} ...")
+                    told = True
+                if stop is not None and stop():
+                    raise Interrupted(f"stopped while waiting to plan {definition.key!r}")
                 time.sleep(0.5)
             if lease is not None:
                 leases[definition.key] = lease
