@@ -1,7 +1,7 @@
 """Drain the outbox: coalesce each user's pending changes into Identify calls, advance the ledger.
 
-The ledger moves only after Gleap answers 2xx (invariant 1); an outbox row is
-removed only when the version it held was the one acknowledged (invariant 3),
+The ledger moves only after Gleap answers 2xx (docs/design.md, invariant 1); an
+outbox row is removed only when the version it held was the one acknowledged (invariant 3),
 so a value replaced while its call was in flight stays queued and goes again.
 HTTP runs on a small thread pool; every database write happens on the calling
 thread, one short transaction per acknowledged call, fenced by the delivery lease.

@@ -87,7 +87,7 @@ def event_name(name: str) -> str:
 def track_event(
     name: str, user_id: str | None, date: Any, data: dict[str, Any] | None = None
 ) -> tuple[dict[str, Any], int]:
-    """One Track event per gleap-contract.md, and how many data keys were dropped.
+    """One Track event per docs/gleap-contract.md, and how many data keys were dropped.
 
     Raises PayloadError without a name, a user id or a usable date.
     """

@@ -1,6 +1,6 @@
 """A local Gleap-compatible server for the demo, the tests and trying a config safely.
 
-It enforces the contract of gleap-contract.md: the ``Api-Token`` header, the
+It enforces the contract of docs/gleap-contract.md: the ``Api-Token`` header, the
 shapes of Identify / Track bodies (400 with a reason otherwise), a fixed-window
 rate limit shared by identify and track (429 with ``Retry-After``), and can
 inject 5xx answers and latency. Contacts live in SQLite (in memory by default).

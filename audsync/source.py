@@ -112,7 +112,7 @@ def open_source(url: str) -> Engine:
 
 
 def build_contact(row: dict[str, Any], skip: Sequence[str] = ()) -> dict[str, Any]:
-    """Gleap contact fields and custom attributes from one row's columns (gleap-contract.md).
+    """Gleap contact fields and custom attributes from one row's columns (docs/gleap-contract.md).
 
     ``skip`` names columns that are not contact data (``value`` of a trait).
     A value Gleap cannot store is not raised: it is reported under INVALID_MARK

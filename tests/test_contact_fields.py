@@ -1,4 +1,5 @@
-"""Every row of gleap-contract.md's column -> field map, through a real sync and the sandbox."""
+"""Every row of docs/gleap-contract.md's column -> field map, through a real sync
+and the sandbox."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The deliverer against the sandbox: invariants 1-3 on a real state DB."""
+"""The deliverer against the sandbox: docs/design.md invariants 1-3 on a real state DB."""
 
 from __future__ import annotations
 

@@ -102,7 +102,7 @@ def test_newer_plan_replaces_pending_value_and_credits_superseded(
     # not turned into a `false` Gleap never needed.
     assert second.mode == "initial"
     rows = outbox(state_url)
-    assert set(rows) == {"1", "2", "3", "5"}  # invariant 2: one row per pair
+    assert set(rows) == {"1", "2", "3", "5"}  # docs/design.md invariant 2: one row per pair
     assert rows["5"][2] != rows["1"][2]  # 1-3 still belong to the first run
     runs = {r["id"]: r for r in query(state_url, "SELECT * FROM sync_runs")}
     assert runs[rows["1"][2]]["superseded"] == 1
