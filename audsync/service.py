@@ -129,9 +129,11 @@ class Daemon:
         install_signals: bool = True,
         scheduler: BaseScheduler | None = None,
         metrics: Metrics | None = None,
+        trouble_pause: float = TROUBLE_PAUSE,
     ) -> None:
         self.config = config
         self.metrics = metrics
+        self.trouble_pause = trouble_pause
         self.client = client or make_client(config)
         self.state = state or open_configured(config)
         self.install_signals = install_signals
@@ -305,6 +307,15 @@ class Daemon:
             try:
                 with locks.Heartbeat(self.state, lease) as beat:
                     self._deliver_while_held(lease, beat)
+            except Exception as exc:
+                # Whatever went wrong, a daemon that plans but no longer delivers
+                # is the worst outcome: give the lease up, say why, try again.
+                log.error(
+                    "delivery stopped unexpectedly, trying again in %gs: %s",
+                    self.trouble_pause,
+                    describe(exc),
+                )
+                self.stopping.wait(self.trouble_pause)
             finally:
                 with contextlib.suppress(SQLAlchemyError):  # else it expires by itself
                     locks.release(self.state, lease)
@@ -349,7 +360,7 @@ class Daemon:
                         self.state, "failed", f"{report.error}; pending changes stay queued"
                     )
                     alerts.notify(self.state, self.config.alert_webhook_url)
-                self.stopping.wait(TROUBLE_PAUSE)
+                self.stopping.wait(self.trouble_pause)
             elif report.users == 0:
                 self.stopping.wait(IDLE_POLL)
         if beat.lost.is_set():

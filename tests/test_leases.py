@@ -16,8 +16,12 @@ from audsync.state import open_state
 from tests.conftest import AUDIENCES, TOKEN, Process, Warehouse, seed, wait_for, write_config
 from tests.helpers import query
 
+# The MT build first: the daemon is multithreaded, and the plain build's sleep made
+# a sender thread's time.sleep fail with EINVAL now and then.
 FAKETIME_LIBS = (
     os.environ.get("AUDSYNC_TEST_FAKETIME", ""),
+    "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1",
+    "/usr/lib/aarch64-linux-gnu/faketime/libfaketimeMT.so.1",
     "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
     "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
 )

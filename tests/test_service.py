@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import math
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from apscheduler.schedulers.background import BackgroundScheduler
 from conftest import (
@@ -29,6 +32,7 @@ from helpers import assert_counts_add_up, query
 from audsync.config import load_config
 from audsync.defaults import DEFAULT_CONCURRENCY
 from audsync.deliver import ACK_INTERVAL
+from audsync.gleap import GleapClient
 from audsync.sandbox import Sandbox
 from audsync.service import Daemon, JitteredInterval, next_fire_time
 
@@ -346,3 +350,50 @@ def test_audience_removed_from_config_stops_syncing_and_keeps_its_ledger(
     runs = assert_counts_add_up(state_url)
     assert runs[-1]["audience_key"] == "buyers" and runs[-1]["superseded"] == 3
     assert runs[-1]["status"] == "succeeded"
+
+
+def test_an_unexpected_error_in_delivery_never_ends_delivery(
+    daemon_config: Path,
+    gleap: Sandbox,
+    warehouse: Warehouse,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Seen under libfaketime: an OSError from a sleep in a sender thread killed the
+    deliverer thread, and the daemon went on planning with nobody delivering."""
+    seed(warehouse, 30)
+    monkeypatch.setenv("AUDSYNC_GLEAP_API_TOKEN", TOKEN)
+    config = load_config(str(daemon_config), env=dict(os.environ))
+    real = httpx.HTTPTransport()
+    failures = {"left": 3}
+
+    def flaky(request: httpx.Request) -> httpx.Response:
+        # Not an httpx error: something no layer below the daemon expects.
+        if request.url.path == "/admin/identify" and failures["left"] > 0:
+            failures["left"] -= 1
+            raise OSError(22, "Invalid argument")
+        response = real.handle_request(request)
+        response.read()
+        return response
+
+    client = GleapClient(gleap.url, TOKEN, transport=httpx.MockTransport(flaky))
+    daemon = Daemon(config, client=client, install_signals=False, trouble_pause=0.2)
+    runner = threading.Thread(target=daemon.run)
+    with caplog.at_level(logging.ERROR, logger="audsync.service"):
+        runner.start()
+        try:
+            wait_for(
+                lambda: (
+                    not query(config.state_url, "SELECT 1 FROM outbox")
+                    and source_mismatches(gleap, warehouse) == []
+                ),
+                what="every change delivered",
+            )
+        finally:
+            daemon.stop()
+            runner.join(timeout=30)
+    assert not runner.is_alive()
+    assert failures["left"] == 0
+    unexpected = [r for r in caplog.records if "delivery stopped unexpectedly" in r.getMessage()]
+    assert unexpected and all("\n" not in r.getMessage() for r in unexpected)
+    assert source_mismatches(gleap, warehouse) == []
