@@ -41,6 +41,7 @@ from audsync.defaults import (
 )
 from audsync.errors import (
     AudsyncError,
+    CallAbandoned,
     GleapAuthError,
     GleapError,
     GleapRejectingAll,
@@ -261,6 +262,8 @@ def deliver(
     # more call about them starts (the set is replaced whole, never mutated, so
     # the sender threads read it safely). See audsync/forget.py for the protocol.
     blocked: frozenset[str] = frozenset()
+    # Users a stop gave up on mid-call: Gleap may still apply those calls.
+    abandoned: set[str] = set()
 
     def send_user(user_id: str, changes: list[Change]) -> list[CallResult]:
         try:
@@ -268,14 +271,13 @@ def deliver(
         except PayloadError as exc:
             return [CallResult(changes, ok=False, status=None, reason=f"not sendable: {exc}")]
         results = []
-
-        def give_up() -> bool:
-            return halted() or user_id in blocked
-
         for body, carried in calls:
+            # A call about a forgotten user never starts; one already sent is
+            # never abandoned for the forget's sake: Gleap might still apply it
+            # after the DELETE. The forget waits for it instead.
             if user_id in blocked:
                 raise Interrupted(f"{user_id} was forgotten")
-            outcome = client.identify(body, stop=give_up)
+            outcome = client.identify(body, stop=halted, skip=lambda: user_id in blocked)
             results.append(
                 CallResult(carried, outcome.ok, outcome.status, outcome.reason, 1 + outcome.retries)
             )
@@ -377,7 +379,7 @@ def deliver(
             kept = [(u, c) for u, c in queue if u not in blocked]
             queue.clear()
             queue.extend(kept)
-        ready = sorted(waiting - set(in_flight.values()))
+        ready = sorted(waiting - set(in_flight.values()) - abandoned)
         if unacked & set(ready):
             flush_acks()  # their results are committed before the forget goes on
         if not ready:
@@ -435,6 +437,10 @@ def deliver(
                 user_id = in_flight.pop(future)
                 try:
                     results = future.result()
+                except CallAbandoned:
+                    # Gleap may still apply it: never confirm this user to a forget.
+                    abandoned.add(user_id)
+                    continue
                 except Interrupted:
                     continue  # stopped before its call went out: it stays queued
                 except GleapUnavailable as exc:

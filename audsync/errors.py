@@ -8,6 +8,7 @@
     ├── StateError                    the state DB is unreachable, locked or too old
     ├── LeaseHeld                     another process holds a lease (exit 3)
     ├── Interrupted                   a shutdown request stopped the work (exit 130)
+    │   └── CallAbandoned             ... while a call was in flight: Gleap may still apply it
     └── GleapError                    Gleap could not be used
         ├── GleapAuthError            401/403: "Gleap rejected the API token"
         ├── GleapUnavailable          429/5xx/network errors outlasted every retry
@@ -77,6 +78,11 @@ class Interrupted(AudsyncError):
     """A shutdown request stopped the work; whatever was not finished stays queued."""
 
     exit_code = EXIT_INTERRUPTED
+
+
+class CallAbandoned(Interrupted):
+    """A shutdown request gave up a call already sent: Gleap may still apply it, so
+    nothing may assume the call did not happen (``audsync forget`` waits on it)."""
 
 
 class GleapError(AudsyncError):

@@ -75,6 +75,9 @@ from audsync.plan import withdraw
 FORGET_KEY = "*"
 """sync_runs.audience_key of a forget run: it concerns every audience."""
 
+UNDONE = "its suppression was lifted (forget --undo) while this forget waited; nothing deleted"
+"""Why a user whose forget was undone mid-way is neither wiped nor deleted."""
+
 WAIT_POLL = 0.1
 """Seconds between two looks at the deliverer's confirmation."""
 
@@ -119,8 +122,10 @@ def forget(
     for user_id, why in unconfirmed.items():
         report.failed[user_id] = why
         _mark(engine, user_id, error=why)
-    confirmed = [u for u in user_ids if u not in unconfirmed]
-    _wipe(engine, confirmed)
+    confirmed = _wipe(engine, [u for u in user_ids if u not in unconfirmed])
+    for user_id in user_ids:
+        if user_id not in confirmed and user_id not in report.failed:
+            report.failed[user_id] = UNDONE
     for user_id in confirmed:
         try:
             outcome = client.delete_contact(user_id)
@@ -169,23 +174,27 @@ def _wait_for_deliverer(
     told = False
     while True:
         with engine.connect() as conn:
-            unconfirmed = sorted(
+            rows = dict(
                 conn.execute(
-                    select(s.user_id).where(s.user_id.in_(user_ids), s.calls_stopped_at.is_(None))
-                ).scalars()
+                    select(s.user_id, s.calls_stopped_at).where(s.user_id.in_(user_ids))
+                ).all()
             )
+        # `forget --undo` meanwhile: the user is no longer suppressed, so nothing
+        # keeps the sync from sending them; deleting them now would be undone anyway.
+        undone = dict.fromkeys((u for u in user_ids if u not in rows), UNDONE)
+        unconfirmed = sorted(u for u, stopped in rows.items() if stopped is None)
         if not unconfirmed:
-            return {}
+            return undone
         holder = current_holder(engine, DELIVER_LEASE)
         if holder is None:
-            return {}  # no deliverer: nothing in flight, and the next one never fetches them
+            return undone  # no deliverer: nothing in flight, and the next one never fetches them
         who = f"{holder.get('host')} pid {holder.get('pid')}"
         if time.monotonic() >= deadline:
             why = (
                 f"a call to Gleap about it may still be in flight: the deliverer ({who}) did not"
                 f" confirm within {wait:g}s that it stopped"
             )
-            return dict.fromkeys(unconfirmed, why)
+            return {**undone, **dict.fromkeys(unconfirmed, why)}
         if not told:
             echo(
                 f"waiting up to {wait:g}s for the deliverer ({who}) to finish its calls"
@@ -195,11 +204,17 @@ def _wait_for_deliverer(
         time.sleep(WAIT_POLL)
 
 
-def _wipe(engine: Engine, user_ids: list[str]) -> None:
-    """Step 3: remove every row of ``user_ids``; pending changes count as superseded."""
+def _wipe(engine: Engine, user_ids: list[str]) -> list[str]:
+    """Step 3: remove every row of ``user_ids`` still suppressed; pending changes count
+    as superseded. Returns those users (a forget undone meanwhile keeps its rows)."""
     if not user_ids:
-        return
+        return []
+    s = models.suppressions.c
     with engine.begin() as conn:
+        still = set(conn.execute(select(s.user_id).where(s.user_id.in_(user_ids))).scalars())
+        user_ids = [u for u in user_ids if u in still]
+        if not user_ids:
+            return []
         withdraw(conn, models.outbox.c.user_id.in_(user_ids))
         for table in (
             models.ledger,
@@ -208,6 +223,7 @@ def _wipe(engine: Engine, user_ids: list[str]) -> None:
             models.delivery_failures,
         ):
             conn.execute(delete(table).where(table.c.user_id.in_(user_ids)))
+    return user_ids
 
 
 def _mark(engine: Engine, user_id: str, *, error: str | None) -> None:

@@ -24,7 +24,14 @@ from urllib.parse import quote
 import httpx
 
 from audsync import defaults
-from audsync.errors import GleapAuthError, GleapUnavailable, Interrupted, one_line, redact
+from audsync.errors import (
+    CallAbandoned,
+    GleapAuthError,
+    GleapUnavailable,
+    Interrupted,
+    one_line,
+    redact,
+)
 from audsync.pacing import Pacer
 from audsync.source import INVALID_MARK
 from audsync.values import timestamp
@@ -323,10 +330,15 @@ class GleapClient:
                 f"Gleap answered {outcome.status} to the token check: {outcome.reason}"
             )
 
-    def identify(self, body: dict[str, Any], stop: Callable[[], bool] | None = None) -> CallOutcome:
+    def identify(
+        self,
+        body: dict[str, Any],
+        stop: Callable[[], bool] | None = None,
+        skip: Callable[[], bool] | None = None,
+    ) -> CallOutcome:
         """POST one Identify Contact body. Raises GleapAuthError / GleapUnavailable."""
         return self._send(
-            "identify", "POST", IDENTIFY_PATH, body, params=IDENTIFY_PARAMS, stop=stop
+            "identify", "POST", IDENTIFY_PATH, body, params=IDENTIFY_PARAMS, stop=stop, skip=skip
         )
 
     def track(self, body: dict[str, Any], stop: Callable[[], bool] | None = None) -> CallOutcome:
@@ -360,12 +372,19 @@ class GleapClient:
         params: dict[str, str] | None = None,
         paced: bool = True,
         stop: Callable[[], bool] | None = None,
+        skip: Callable[[], bool] | None = None,
     ) -> CallOutcome:
+        # ``stop`` also abandons an attempt in flight (after a grace); ``skip`` only
+        # keeps the next attempt from starting: a call about a user being
+        # forgotten must end on its own, never be walked away from.
+        between = stop
+        if skip is not None:
+            between = (lambda: stop() or skip()) if stop is not None else skip
         content = json.dumps(body, separators=(",", ":")).encode() if body is not None else None
         last_problem = "no attempt made"
         failures = throttles = 0
         while True:
-            if paced and not self.pacer.acquire(stop):
+            if paced and not self.pacer.acquire(between):
                 raise Interrupted("stopped while waiting for the rate budget")
             retry_after: float | None = None
             try:
@@ -411,7 +430,7 @@ class GleapClient:
                     self.pacer.throttle(wait)
                     if throttles <= defaults.DEFAULT_MAX_THROTTLES:
                         if not paced:
-                            self._sleep_for(wait, stop)
+                            self._sleep_for(wait, between)
                         continue
                     last_problem = f"{throttles} answers of HTTP 429 in a row"
                     break
@@ -431,7 +450,7 @@ class GleapClient:
             self.stats.retries += 1
             if self.observer is not None:
                 self.observer.retry(endpoint)
-            self._sleep_for(backoff_delay(failures, retry_after), stop)
+            self._sleep_for(backoff_delay(failures, retry_after), between)
         raise GleapUnavailable(
             f"Gleap did not accept {method} {path} after {failures + throttles} retries"
             f" (last: {last_problem})"
@@ -467,7 +486,7 @@ class GleapClient:
                 stop_asked = now if stop_asked is None else stop_asked
                 if now - stop_asked >= defaults.DEFAULT_STOP_GRACE:
                     exchange.abandon()
-                    raise Interrupted("stopped while a call was in flight; it stays queued")
+                    raise CallAbandoned("stopped while a call was in flight; it stays queued")
         return exchange.result()
 
     def _sleep_for(self, seconds: float, stop: Callable[[], bool] | None) -> None:

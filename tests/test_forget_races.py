@@ -10,6 +10,7 @@ alice, and a later sync that sends nothing about her.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from helpers import assert_counts_add_up, query, run_cli
 from sqlalchemy import create_engine, text
 
 from audsync.config import load_config
+from audsync.defaults import DEFAULT_STOP_GRACE
 from audsync.forget import forget
 from audsync.sandbox import Sandbox
 from audsync.state import open_state
@@ -117,7 +119,12 @@ def race_forget_with_a_call_in_flight(
         forget = Process(tmp_path, "forget", "-c", str(path), "forget", "alice")
         processes.append(forget)
         wait_for(lambda: "waiting" in forget.output(), 30, "forget to wait for the call")
+        # Held past the grace a stop gives a call in flight: the deliverer must not
+        # walk away from alice's call for the forget's sake (Gleap would still
+        # apply it after the DELETE), so nothing may happen meanwhile.
+        time.sleep(DEFAULT_STOP_GRACE + 1.5)
         assert gleap.calls("/admin/contacts/") == []  # it waits: no DELETE yet
+        assert forget.proc.poll() is None
     finally:
         release.set()
     assert forget.wait(60) == 0, forget.output()
@@ -355,3 +362,42 @@ def test_forget_committed_mid_plan_is_honoured(
     assert run_cli(capsys, "-c", str(path), "sync", "--full")[0] == 0
     assert {c["user_id"] for c in gleap.calls("/admin/identify")} == {"bob", "carol", "dave"}
     assert gleap.contact("alice") is None
+
+
+def test_forget_undone_while_it_waits_deletes_nothing(
+    tmp_path: Path,
+    gleap: Sandbox,
+    warehouse: Warehouse,
+    state_url: str,
+    processes: list[Process],
+    capsys: pytest.CaptureFixture[str],
+    env: None,
+) -> None:
+    """`forget --undo` during the wait: the user is no longer suppressed, so the
+    forget must neither wipe nor delete, and must say so (exit 1)."""
+    warehouse.add(1, vip=True)
+    path = write_config(
+        tmp_path,
+        base_url=gleap.url,
+        source_url=warehouse.url,
+        state_url=state_url,
+        body=WAREHOUSE_BODY.format(events="false", user_id=USER_ID),
+    )
+    held, release = hold_identify(gleap, "alice")
+    try:
+        sync = Process(tmp_path, "sync", "-c", str(path), "sync")
+        processes.append(sync)
+        wait_for(held.is_set, 30, "alice's Identify to reach the sandbox")
+        forget = Process(tmp_path, "forget", "-c", str(path), "forget", "alice")
+        processes.append(forget)
+        wait_for(lambda: "waiting" in forget.output(), 30, "forget to wait for the call")
+        assert run_cli(capsys, "-c", str(path), "forget", "--undo", "alice")[0] == 0
+    finally:
+        release.set()
+    assert forget.wait(60) == 1, forget.output()
+    assert "forget --undo" in forget.output()
+    assert sync.wait(60) == 0, sync.output()
+    assert gleap.calls("/admin/contacts/") == []
+    assert (gleap.contact("alice") or {}).get("vip") is True
+    assert query(state_url, "SELECT user_id FROM ledger") == [{"user_id": "alice"}]
+    assert query(state_url, "SELECT user_id FROM suppressions") == []
