@@ -114,6 +114,13 @@ class SyncConfig:
 
 
 @dataclass(frozen=True)
+class HistoryConfig:
+    """The ``[history]`` section: how long finished runs and delivery failures are kept."""
+
+    keep: float = defaults.DEFAULT_HISTORY_KEEP
+
+
+@dataclass(frozen=True)
 class Definition:
     """One ``[[audiences]]`` or ``[[traits]]`` entry."""
 
@@ -136,6 +143,7 @@ class Config:
     gleap: GleapConfig = field(default_factory=GleapConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
+    history: HistoryConfig = field(default_factory=HistoryConfig)
     definitions: tuple[Definition, ...] = ()
     alert_webhook_url: str | None = None
 
@@ -199,6 +207,7 @@ _SECTIONS: dict[str, dict[str, str]] = {
         "chunk_size": "posint",
         "lease_ttl": "duration",
     },
+    "history": {"keep": "duration"},
 }
 _DEFINITION_KEYS = {"name", "key", "sql", "events"}
 
@@ -265,6 +274,11 @@ def parse_config(raw: Mapping[str, Any], env: Mapping[str, str], path: str) -> C
     gleap = GleapConfig(api_token=Secret(token) if token is not None else None, **gleap_raw)
     if not gleap.base_url.startswith(("http://", "https://")):
         raise ConfigError(path, "gleap.base_url", f"{gleap.base_url!r} must start with http(s)://")
+    history = HistoryConfig(**values["history"])
+    if history.keep <= 0:
+        # Zero would prune every run the moment it finishes.
+        where = "AUDSYNC_HISTORY_KEEP" if env.get("AUDSYNC_HISTORY_KEEP", "") else path
+        raise ConfigError(where, "history.keep", "must be longer than 0 (e.g. 90d)")
     definitions = _parse_definitions(raw, path)
     return Config(
         path=path,
@@ -274,6 +288,7 @@ def parse_config(raw: Mapping[str, Any], env: Mapping[str, str], path: str) -> C
         gleap=gleap,
         schedule=ScheduleConfig(**values["schedule"]),
         sync=SyncConfig(**values["sync"]),
+        history=history,
         alert_webhook_url=values["alerts"].get("webhook_url"),
         definitions=definitions,
     )
