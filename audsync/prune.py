@@ -10,7 +10,7 @@ except runs something still relies on (:func:`keep_reason`):
   (``queued = delivered + failed + superseded + pending``) and the deliverer
   credits its acknowledgements to it;
 - the newest run of each audience, and its newest run of each kind another
-  reader looks up (:data:`NEWEST_OF_KIND`): ``status``, ``history``, alerts,
+  reader looks up (:func:`keep_reason`): ``status``, ``history``, alerts,
   metrics and ``audiences.last_success_at`` keep saying what they said;
 - a run with a delivery failure newer than the cut-off (the failure joins its
   run; an interrupted run's changes can be rejected long after it ended).
@@ -30,9 +30,9 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, Engine, case, delete, func, select, tuple_
+from sqlalchemy import DateTime, Engine, Select, bindparam, case, delete, select, text, tuple_
 from sqlalchemy.exc import SQLAlchemyError
 
 from audsync import models
@@ -43,39 +43,56 @@ from audsync.report import duration
 
 log = logging.getLogger("audsync.prune")
 
-NEWEST_OF_KIND: dict[str, str] = {
-    "last run": "status, history and the failing gauge show each audience's newest run",
-    "last alerted run": "alerts compare the newest succeeded/partial/failed/held run",
-    "last success": "audiences.last_success_at is recomputed from the newest succeeded run",
-    "last finished plan": "the last-run-duration gauge reads the newest finished plan",
-}
-"""Per audience, the newest run of each of these kinds is kept whatever its age."""
+ALERTED_STATUSES = tuple(STATE_OF_STATUS)
+"""The statuses alerts compare: an audience's newest such run says its alert state."""
+
+NOT_PLANS = ("retry", "forget")
+"""Modes the last-run-duration gauge leaves out when it reads the newest finished run."""
 
 
-@dataclass(frozen=True)
-class RunFacts:
-    """What the pruning decision needs to know about one run."""
+class RunFacts(NamedTuple):
+    """What the pruning decision needs to know about one run.
+
+    The ``newer_*`` flags say whether its audience has a newer run of that kind;
+    None where the question does not arise (the run is not of that kind).
+    """
 
     status: str
+    mode: str
     finished_at: dt.datetime | None
     pending: int
     """Changes still in the outbox for the run: queued - delivered - failed - superseded."""
-    newest_of: str | None = None
-    """The first :data:`NEWEST_OF_KIND` kind this run is the newest of, if any."""
+    newer_run: bool | None = True
+    newer_alerted: bool | None = None
+    newer_success: bool | None = None
+    newer_plan: bool | None = None
     recent_failures: bool = False
     """A delivery failure of this run is newer than the cut-off."""
 
 
 def keep_reason(run: RunFacts, cutoff: dt.datetime) -> str | None:
-    """Why ``run`` must stay, or None when it may be pruned."""
+    """Why ``run`` must stay, or None when it may be pruned.
+
+    Per audience, the newest run of each kind another reader looks up stays:
+    ``last run`` (status, history, the failing gauge), ``last alerted run``
+    (alerts compare the newest succeeded/partial/failed/held run), ``last
+    success`` (``audiences.last_success_at`` is recomputed from it), ``last
+    finished plan`` (the last-run-duration gauge).
+    """
     if run.status not in models.TERMINAL_STATUSES or run.finished_at is None:
         return "open"
     if run.finished_at >= cutoff:
         return "recent"
     if run.pending > 0:
         return "pending changes"
-    if run.newest_of is not None:
-        return run.newest_of
+    if not run.newer_run:
+        return "last run"
+    if run.status in ALERTED_STATUSES and not run.newer_alerted:
+        return "last alerted run"
+    if run.status == "succeeded" and not run.newer_success:
+        return "last success"
+    if run.mode not in NOT_PLANS and not run.newer_plan:
+        return "last finished plan"
     if run.recent_failures:
         return "recent failures"
     return None
@@ -151,68 +168,156 @@ def prune_and_log(engine: Engine, keep: float) -> PruneReport | None:
 
 
 def _prune_runs(engine: Engine, cutoff: dt.datetime, batch: int, report: PruneReport) -> None:
+    """Walk the runs finished before ``cutoff`` a window of ``batch`` at a time (by
+    ix_sync_runs_finished: open runs, with no finished_at, are never read)."""
     r = models.sync_runs.c
-    newest: dict[int, str] | None = None
-    after: tuple[dt.datetime, int] | None = None
+    after: tuple[Any, int] | None = None
     while True:
+        window = (
+            select(r.id, r.finished_at)
+            .where(r.finished_at < cutoff)
+            .order_by(r.finished_at, r.id)
+            .limit(batch)
+        )
+        if after is not None:
+            window = window.where(tuple_(r.finished_at, r.id) > tuple_(*after))
         with engine.connect() as conn:
-            # Walks ix_sync_runs_finished: open runs (no finished_at) are never read.
-            query = (
-                select(
-                    r.id,
-                    r.status,
-                    r.finished_at,
-                    (r.queued - r.delivered - r.failed - r.superseded).label("pending"),
+            ids = conn.execute(window).tuples().all()
+        if not ids:
+            return
+        last = (ids[-1][1], ids[-1][0])
+        window_ids = [i for i, _ in ids]
+        report.runs += _write(engine, report, _delete_plain(window_ids), {"c": cutoff})
+        # What the bulk delete left of the window (usually nothing): run by run.
+        with engine.connect() as conn:
+            rows = (
+                conn.execute(
+                    _candidates(cutoff).where(text(f"sync_runs.id IN ({_listed(window_ids)})"))
                 )
-                .where(r.finished_at < cutoff)
-                .order_by(r.finished_at, r.id)
-                .limit(batch)
+                .tuples()
+                .all()
             )
-            if after is not None:
-                query = query.where(tuple_(r.finished_at, r.id) > tuple_(*after))
-            rows = conn.execute(query).all()
-            if not rows:
-                return
-            if newest is None:  # only when something is old enough to look at
-                newest = _newest_of_kind(conn)
-            failing = _with_failures_since(conn, [row.id for row in rows], cutoff)
+            flags = (
+                {
+                    row[0]: row[1:]
+                    for row in conn.execute(_newer_of_each_kind([row[0] for row in rows]))
+                    .tuples()
+                    .all()
+                }
+                if rows
+                else {}
+            )
         doomed: list[int] = []
-        for row in rows:
+        for run_id, status, mode, finished_at, pending, recent_failures in rows:
+            run_, alerted, success, plan = flags[run_id]
             facts = RunFacts(
-                status=row.status,
-                finished_at=row.finished_at,
-                pending=int(row.pending),
-                newest_of=newest.get(row.id),
-                recent_failures=row.id in failing,
+                status, mode, finished_at, pending, run_, alerted, success, plan, recent_failures
             )
             reason = keep_reason(facts, cutoff)
             if reason is None:
-                doomed.append(row.id)
+                doomed.append(int(run_id))
             else:
                 report.kept[reason] += 1
-        after = (rows[-1].finished_at, rows[-1].id)
         if doomed:
             report.runs += _write(engine, report, _delete_runs(doomed))
-        if len(rows) < batch:
+        after = last
+        if len(ids) < batch:
             return
+
+
+def _listed(ids: list[int]) -> str:
+    """Ids inline, for IN: they are ints from the database, and binding thousands of
+    parameters costs more than the statement itself."""
+    return ", ".join(str(int(i)) for i in ids)
+
+
+def _delete_plain(ids: list[int]) -> Any:
+    """DELETE, of ``ids``, the runs :func:`keep_reason` lets go for the plainest reason:
+    finished, nothing pending, no recent failure, and a newer succeeded plan of their
+    audience exists (so a newer run of every kind it protects does)."""
+    listed = _listed(ids)
+    terminal = ", ".join(f"'{s}'" for s in models.TERMINAL_STATUSES)
+    not_plans = ", ".join(f"'{m}'" for m in NOT_PLANS)
+    return text(
+        f"DELETE FROM sync_runs WHERE id IN ({listed}) AND status IN ({terminal})"
+        " AND delivered + failed + superseded >= queued"
+        # The newest succeeded plan, by a backward walk of ix_sync_runs_audience that
+        # stops at the first match (an EXISTS here becomes a hash join on PostgreSQL
+        # that compares every run with every newer run of its audience).
+        " AND id < (SELECT n.id FROM sync_runs n WHERE n.audience_key = sync_runs.audience_key"
+        f" AND n.status = 'succeeded' AND n.mode NOT IN ({not_plans})"
+        " ORDER BY n.id DESC LIMIT 1)"
+        " AND NOT EXISTS (SELECT 1 FROM delivery_failures f WHERE f.run_id = sync_runs.id"
+        " AND f.failed_at >= :c)"
+    ).bindparams(bindparam("c", type_=DateTime()))
+
+
+_NEWER = models.sync_runs.alias("newer")
+
+
+def _newer_exists(*conditions: Any) -> Any:
+    """Whether a newer run of the same audience meets ``conditions`` (NULL when none does):
+    compared with the newest such run, found by a backward walk of ix_sync_runs_audience
+    that stops at the first match, never a join of every run with every newer one."""
+    r, n = models.sync_runs.c, _NEWER.c
+    newest = (
+        select(n.id)
+        .where(n.audience_key == r.audience_key, *conditions)
+        .order_by(n.id.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+    return r.id < newest
+
+
+def _candidates(cutoff: dt.datetime) -> Select[Any]:
+    """Runs finished before ``cutoff`` with the facts of :class:`RunFacts` but the
+    ``newer_*`` flags (:func:`_newer_of_each_kind`)."""
+    r, f = models.sync_runs.c, models.delivery_failures.c
+    return select(
+        r.id,
+        r.status,
+        r.mode,
+        r.finished_at,
+        (r.queued - r.delivered - r.failed - r.superseded).label("pending"),
+        select(f.id).where(f.run_id == r.id, f.failed_at >= cutoff).exists(),
+    ).where(r.finished_at < cutoff)
+
+
+def _newer_of_each_kind(ids: list[int]) -> Select[Any]:
+    """For ``ids``: whether a newer run, alerted run, success and finished plan exist.
+
+    Each is only asked of a run of that kind (else NULL): a long streak without
+    a newer run of the kind is then walked once, by the one run that is its newest.
+    """
+    r, n = models.sync_runs.c, _NEWER.c
+    return select(
+        r.id,
+        _newer_exists(),
+        case((r.status.in_(ALERTED_STATUSES), _newer_exists(n.status.in_(ALERTED_STATUSES)))),
+        case((r.status == "succeeded", _newer_exists(n.status == "succeeded"))),
+        case(
+            (
+                r.mode.not_in(NOT_PLANS),
+                _newer_exists(n.finished_at.is_not(None), n.mode.not_in(NOT_PLANS)),
+            )
+        ),
+    ).where(r.id.in_(ids))
 
 
 def _delete_runs(ids: list[int]) -> Any:
     """DELETE of ``ids``, re-checking what may have changed since they were read."""
-    r = models.sync_runs.c
-    newer = models.sync_runs.alias("newer")
-    return delete(models.sync_runs).where(
-        r.id.in_(ids),
-        r.status.in_(models.TERMINAL_STATUSES),
-        # Counts: only ever fall, so a run judged done is done. Checked anyway:
+    listed = _listed(ids)
+    terminal = ", ".join(f"'{s}'" for s in models.TERMINAL_STATUSES)
+    return text(
+        f"DELETE FROM sync_runs WHERE id IN ({listed}) AND status IN ({terminal})"
+        # Counts only ever fall, so a run judged done is done; checked anyway:
         # its counts must add up for as long as it exists.
-        r.delivered + r.failed + r.superseded >= r.queued,
+        " AND delivered + failed + superseded >= queued"
         # Still not the newest of its audience (a run created and deleted since
-        # the read, as retry-failed does with an empty retry, could have made it so).
-        r.id
-        < select(func.max(newer.c.id))
-        .where(newer.c.audience_key == r.audience_key)
-        .scalar_subquery(),
+        # the read, as retry-failed does with an empty retry, could make it so).
+        " AND id < (SELECT MAX(newer.id) FROM sync_runs newer"
+        " WHERE newer.audience_key = sync_runs.audience_key)"
     )
 
 
@@ -226,45 +331,14 @@ def _prune_failures(engine: Engine, cutoff: dt.datetime, batch: int, report: Pru
             return
 
 
-def _write(engine: Engine, report: PruneReport, statement: Any) -> int:
+def _write(
+    engine: Engine, report: PruneReport, statement: Any, params: dict[str, Any] | None = None
+) -> int:
     """Run one DELETE in its own transaction, timing how long it holds the write lock."""
     started = time.perf_counter()
     with engine.begin() as conn:
-        deleted = int(conn.execute(statement).rowcount)
+        deleted = int(conn.execute(statement, params or {}).rowcount)
     if deleted:
         report.batches += 1
         report.longest_write = max(report.longest_write, time.perf_counter() - started)
     return deleted
-
-
-def _newest_of_kind(conn: Connection) -> dict[int, str]:
-    """Run id -> the first kind of :data:`NEWEST_OF_KIND` it is the newest of, per audience."""
-    r = models.sync_runs.c
-    alerted = [s for s in STATE_OF_STATUS]
-    columns = {
-        "last run": func.max(r.id),
-        "last alerted run": func.max(case((r.status.in_(alerted), r.id))),
-        "last success": func.max(case((r.status == "succeeded", r.id))),
-        "last finished plan": func.max(
-            case(
-                (r.finished_at.is_not(None) & r.mode.not_in(["retry", "forget"]), r.id),
-            )
-        ),
-    }
-    assert list(columns) == list(NEWEST_OF_KIND)
-    found: dict[int, str] = {}
-    for row in conn.execute(select(*columns.values()).group_by(r.audience_key)):
-        for kind, run_id in zip(columns, row, strict=True):
-            if run_id is not None:
-                found.setdefault(int(run_id), kind)
-    return found
-
-
-def _with_failures_since(conn: Connection, ids: list[int], cutoff: dt.datetime) -> set[int]:
-    """Which of ``ids`` have a delivery failure at or after ``cutoff`` (an index probe each)."""
-    f = models.delivery_failures.c
-    return set(
-        conn.execute(
-            select(f.run_id).distinct().where(f.run_id.in_(ids), f.failed_at >= cutoff)
-        ).scalars()
-    )

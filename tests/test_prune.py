@@ -24,30 +24,53 @@ CUTOFF = NOW - dt.timedelta(days=90)
 OLD = CUTOFF - dt.timedelta(seconds=1)
 
 
+def run(status: str = "succeeded", finished_at: dt.datetime | None = OLD, **kw: object) -> RunFacts:
+    """An old finished incremental run with newer runs of every kind, unless told otherwise."""
+    facts: dict[str, object] = {
+        "status": status,
+        "mode": "incremental",
+        "finished_at": finished_at,
+        "pending": 0,
+        "newer_run": True,
+        "newer_alerted": True,
+        "newer_success": True,
+        "newer_plan": True,
+        "recent_failures": False,
+    }
+    facts.update(kw)
+    return RunFacts(**facts)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(
     ("facts", "reason"),
     [
-        (RunFacts("succeeded", OLD, pending=0), None),
-        (RunFacts("partial", OLD, pending=0), None),
-        (RunFacts("failed", OLD, pending=0), None),
-        (RunFacts("held", OLD, pending=0), None),
-        (RunFacts("interrupted", OLD, pending=0), None),
+        (run("succeeded"), None),
+        (run("partial"), None),
+        (run("failed"), None),
+        (run("held"), None),
+        (run("interrupted"), None),
+        (run("succeeded", mode="retry", newer_plan=None), None),
         # at the cut-off exactly is not older than keep
-        (RunFacts("succeeded", CUTOFF, pending=0), "recent"),
-        (RunFacts("succeeded", NOW, pending=0), "recent"),
+        (run(finished_at=CUTOFF), "recent"),
+        (run(finished_at=NOW), "recent"),
         # open runs, whatever their age (a deliverer may still credit them)
-        (RunFacts("planning", None, pending=0), "open"),
-        (RunFacts("delivering", None, pending=3), "open"),
-        (RunFacts("delivering", OLD, pending=0), "open"),
+        (run("planning", None), "open"),
+        (run("delivering", None, pending=3), "open"),
+        (run("delivering", OLD), "open"),
         # its counts must keep adding up while the outbox holds its changes
-        (RunFacts("interrupted", OLD, pending=2), "pending changes"),
-        (RunFacts("failed", OLD, pending=1, newest_of="last run"), "pending changes"),
-        # status/alerts/metrics/last_success_at read these
-        (RunFacts("succeeded", OLD, pending=0, newest_of="last run"), "last run"),
-        (RunFacts("succeeded", OLD, pending=0, newest_of="last success"), "last success"),
-        (RunFacts("held", OLD, pending=0, newest_of="last alerted run"), "last alerted run"),
+        (run("interrupted", pending=2), "pending changes"),
+        (run("failed", pending=1, newer_run=False), "pending changes"),
+        # status/history show the newest run; alerts, last_success_at, metrics theirs
+        (run(newer_run=False), "last run"),
+        (run("held", newer_alerted=False), "last alerted run"),
+        (run("failed", newer_alerted=False, newer_success=None), "last alerted run"),
+        (run("interrupted", newer_alerted=False, newer_success=False), None),
+        (run("succeeded", newer_success=False), "last success"),
+        (run("partial", newer_success=False), None),
+        (run("interrupted", newer_plan=False), "last finished plan"),
+        (run("succeeded", mode="forget", newer_plan=False), None),
         # a rejection newer than keep still joins its run
-        (RunFacts("partial", OLD, pending=0, recent_failures=True), "recent failures"),
+        (run("partial", recent_failures=True), "recent failures"),
     ],
 )
 def test_keep_reason(facts: RunFacts, reason: str | None) -> None:
