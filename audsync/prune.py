@@ -32,7 +32,19 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from sqlalchemy import DateTime, Engine, Select, bindparam, case, delete, select, text, tuple_
+from sqlalchemy import (
+    Connection,
+    DateTime,
+    Engine,
+    Select,
+    bindparam,
+    case,
+    delete,
+    func,
+    select,
+    text,
+    tuple_,
+)
 from sqlalchemy.exc import SQLAlchemyError
 
 from audsync import models
@@ -172,9 +184,10 @@ def _prune_runs(engine: Engine, cutoff: dt.datetime, batch: int, report: PruneRe
     ix_sync_runs_finished: open runs, with no finished_at, are never read)."""
     r = models.sync_runs.c
     after: tuple[Any, int] | None = None
+    newest_plan: dict[str, int] | None = None
     while True:
         window = (
-            select(r.id, r.finished_at)
+            select(r.id, r.finished_at, r.audience_key)
             .where(r.finished_at < cutoff)
             .order_by(r.finished_at, r.id)
             .limit(batch)
@@ -182,27 +195,27 @@ def _prune_runs(engine: Engine, cutoff: dt.datetime, batch: int, report: PruneRe
         if after is not None:
             window = window.where(tuple_(r.finished_at, r.id) > tuple_(*after))
         with engine.connect() as conn:
-            ids = conn.execute(window).tuples().all()
-        if not ids:
+            ids = conn.execute(window).all()
+            if ids and newest_plan is None:  # only once something is old enough
+                newest_plan = _newest_succeeded_plans(conn)
+        if not ids or newest_plan is None:
             return
         last = (ids[-1][1], ids[-1][0])
-        window_ids = [i for i, _ in ids]
-        report.runs += _write(engine, report, _delete_plain(window_ids), {"c": cutoff})
+        window_ids = [i for i, _, _ in ids]
+        # A run older than a succeeded plan of its audience is the newest of no kind
+        # keep_reason protects: the bulk of a window goes in one DELETE.
+        plain = [i for i, _, key in ids if i < newest_plan.get(key, 0)]
+        if plain:
+            report.runs += _write(engine, report, _delete_plain(plain), {"c": cutoff})
         # What the bulk delete left of the window (usually nothing): run by run.
         with engine.connect() as conn:
-            rows = (
-                conn.execute(
-                    _candidates(cutoff).where(text(f"sync_runs.id IN ({_listed(window_ids)})"))
-                )
-                .tuples()
-                .all()
-            )
+            rows = conn.execute(
+                _candidates(cutoff).where(text(f"sync_runs.id IN ({_listed(window_ids)})"))
+            ).all()
             flags = (
                 {
                     row[0]: row[1:]
-                    for row in conn.execute(_newer_of_each_kind([row[0] for row in rows]))
-                    .tuples()
-                    .all()
+                    for row in conn.execute(_newer_of_each_kind([row[0] for row in rows])).all()
                 }
                 if rows
                 else {}
@@ -232,24 +245,28 @@ def _listed(ids: list[int]) -> str:
 
 
 def _delete_plain(ids: list[int]) -> Any:
-    """DELETE, of ``ids``, the runs :func:`keep_reason` lets go for the plainest reason:
-    finished, nothing pending, no recent failure, and a newer succeeded plan of their
-    audience exists (so a newer run of every kind it protects does)."""
-    listed = _listed(ids)
+    """DELETE, of ``ids`` (runs with a newer succeeded plan of their audience), those
+    :func:`keep_reason` lets go: finished, nothing pending, no recent failure."""
     terminal = ", ".join(f"'{s}'" for s in models.TERMINAL_STATUSES)
-    not_plans = ", ".join(f"'{m}'" for m in NOT_PLANS)
     return text(
-        f"DELETE FROM sync_runs WHERE id IN ({listed}) AND status IN ({terminal})"
+        f"DELETE FROM sync_runs WHERE id IN ({_listed(ids)}) AND status IN ({terminal})"
         " AND delivered + failed + superseded >= queued"
-        # The newest succeeded plan, by a backward walk of ix_sync_runs_audience that
-        # stops at the first match (an EXISTS here becomes a hash join on PostgreSQL
-        # that compares every run with every newer run of its audience).
-        " AND id < (SELECT n.id FROM sync_runs n WHERE n.audience_key = sync_runs.audience_key"
-        f" AND n.status = 'succeeded' AND n.mode NOT IN ({not_plans})"
-        " ORDER BY n.id DESC LIMIT 1)"
         " AND NOT EXISTS (SELECT 1 FROM delivery_failures f WHERE f.run_id = sync_runs.id"
         " AND f.failed_at >= :c)"
     ).bindparams(bindparam("c", type_=DateTime()))
+
+
+def _newest_succeeded_plans(conn: Connection) -> dict[str, int]:
+    """Per audience, the id of its newest succeeded plan (one pass over sync_runs)."""
+    r = models.sync_runs.c
+    return {
+        key: int(run_id)
+        for key, run_id in conn.execute(
+            select(r.audience_key, func.max(r.id))
+            .where(r.status == "succeeded", r.mode.not_in(NOT_PLANS))
+            .group_by(r.audience_key)
+        ).all()
+    }
 
 
 _NEWER = models.sync_runs.alias("newer")
