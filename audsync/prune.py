@@ -40,7 +40,6 @@ from sqlalchemy import (
     bindparam,
     case,
     delete,
-    func,
     select,
     text,
     tuple_,
@@ -184,7 +183,7 @@ def _prune_runs(engine: Engine, cutoff: dt.datetime, batch: int, report: PruneRe
     ix_sync_runs_finished: open runs, with no finished_at, are never read)."""
     r = models.sync_runs.c
     after: tuple[Any, int] | None = None
-    newest_plan: dict[str, int] | None = None
+    newest_plan: dict[str, int] = {}
     while True:
         window = (
             select(r.id, r.finished_at, r.audience_key)
@@ -196,9 +195,9 @@ def _prune_runs(engine: Engine, cutoff: dt.datetime, batch: int, report: PruneRe
             window = window.where(tuple_(r.finished_at, r.id) > tuple_(*after))
         with engine.connect() as conn:
             ids = conn.execute(window).all()
-            if ids and newest_plan is None:  # only once something is old enough
-                newest_plan = _newest_succeeded_plans(conn)
-        if not ids or newest_plan is None:
+            for key in {key for _, _, key in ids} - newest_plan.keys():
+                newest_plan[key] = _newest_succeeded_plan(conn, key)
+        if not ids:
             return
         last = (ids[-1][1], ids[-1][0])
         window_ids = [i for i, _, _ in ids]
@@ -256,17 +255,17 @@ def _delete_plain(ids: list[int]) -> Any:
     ).bindparams(bindparam("c", type_=DateTime()))
 
 
-def _newest_succeeded_plans(conn: Connection) -> dict[str, int]:
-    """Per audience, the id of its newest succeeded plan (one pass over sync_runs)."""
+def _newest_succeeded_plan(conn: Connection, key: str) -> int:
+    """The id of ``key``'s newest succeeded plan (0 when none): a backward walk of
+    ix_sync_runs_audience that stops at the first match, usually the newest run."""
     r = models.sync_runs.c
-    return {
-        key: int(run_id)
-        for key, run_id in conn.execute(
-            select(r.audience_key, func.max(r.id))
-            .where(r.status == "succeeded", r.mode.not_in(NOT_PLANS))
-            .group_by(r.audience_key)
-        ).all()
-    }
+    found = conn.execute(
+        select(r.id)
+        .where(r.audience_key == key, r.status == "succeeded", r.mode.not_in(NOT_PLANS))
+        .order_by(r.audience_key.desc(), r.id.desc())
+        .limit(1)
+    ).scalar()
+    return int(found or 0)
 
 
 _NEWER = models.sync_runs.alias("newer")
