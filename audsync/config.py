@@ -127,6 +127,13 @@ class SyncConfig:
 
 
 @dataclass(frozen=True)
+class HistoryConfig:
+    """The ``[history]`` section: how long finished runs and delivery failures are kept."""
+
+    keep: float = defaults.DEFAULT_HISTORY_KEEP
+
+
+@dataclass(frozen=True)
 class Definition:
     """One ``[[audiences]]`` or ``[[traits]]`` entry."""
 
@@ -149,6 +156,7 @@ class Config:
     gleap: GleapConfig = field(default_factory=GleapConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
+    history: HistoryConfig = field(default_factory=HistoryConfig)
     definitions: tuple[Definition, ...] = ()
     alert_webhook_url: str | None = None
 
@@ -212,6 +220,7 @@ _SECTIONS: dict[str, dict[str, str]] = {
         "chunk_size": "posint",
         "lease_ttl": "duration",
     },
+    "history": {"keep": "duration"},
 }
 _DEFINITION_KEYS = {"name", "key", "sql", "events"}
 
@@ -286,6 +295,11 @@ def parse_config(raw: Mapping[str, Any], env: Mapping[str, str], path: str) -> C
     gleap_raw = values["gleap"]
     token = gleap_raw.pop("api_token", None)
     gleap = GleapConfig(api_token=Secret(token) if token is not None else None, **gleap_raw)
+    history = HistoryConfig(**values["history"])
+    if history.keep <= 0:
+        # Zero would prune every run the moment it finishes.
+        where = "AUDSYNC_HISTORY_KEEP" if env.get("AUDSYNC_HISTORY_KEEP", "") else path
+        raise ConfigError(where, "history.keep", "must be longer than 0 (e.g. 90d)")
     definitions = _parse_definitions(raw, path)
     return Config(
         path=path,
@@ -295,6 +309,7 @@ def parse_config(raw: Mapping[str, Any], env: Mapping[str, str], path: str) -> C
         gleap=gleap,
         schedule=ScheduleConfig(**values["schedule"]),
         sync=SyncConfig(**values["sync"]),
+        history=history,
         alert_webhook_url=values["alerts"].get("webhook_url"),
         definitions=definitions,
     )

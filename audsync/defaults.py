@@ -151,3 +151,13 @@ DEFAULT_REPORT_RUNS = 500
 
 DEFAULT_REPORT_FAILURES = 20
 """Latest per-user delivery failures listed per audience."""
+
+DEFAULT_HISTORY_KEEP = 90 * 86400.0
+"""Finished runs and delivery failures are kept 90 days: a quarter's trend in
+`history` and the report (which draws ~6 weeks), while a year of two-hourly runs
+over 50 audiences stays at ~54,000 rows instead of growing by ~219,000 a year."""
+
+DEFAULT_PRUNE_BATCH = 2000
+"""Rows deleted per transaction when pruning history: one batch holds SQLite's
+write lock for a few milliseconds (benchmarks/prune.py), so a first prune of a
+year of history never makes the deliverer or a manual sync wait long."""

@@ -132,6 +132,8 @@ sync_runs = Table(
     Column("host", String(255)),
     Column("pid", Integer),
     Index("ix_sync_runs_audience", "audience_key", "id"),
+    # Pruning walks the runs that finished before the cut-off in this order.
+    Index("ix_sync_runs_finished", "finished_at", "id"),
 )
 
 delivery_failures = Table(
@@ -146,6 +148,7 @@ delivery_failures = Table(
     Column("failed_at", DateTime, nullable=False),
     Index("ix_delivery_failures_user", "user_id"),
     Index("ix_delivery_failures_run", "run_id"),
+    Index("ix_delivery_failures_failed_at", "failed_at"),  # pruning finds old ones
 )
 
 leases = Table(

@@ -58,6 +58,7 @@ from audsync.history import (
 )
 from audsync.metrics import Metrics
 from audsync.plan import ensure_audience, withdraw
+from audsync.prune import prune_and_log
 from audsync.signals import relay_signals
 from audsync.source import open_source
 from audsync.state import open_configured
@@ -273,6 +274,8 @@ class Daemon:
             log.error("%s", message)
         log_run_summaries(self.state, outcome.run_ids)
         alerts.notify(self.state, self.config.alert_webhook_url)
+        # Once per plan (every 2-3 h), not per tick: cheap when nothing is old enough.
+        prune_and_log(self.state, self.config.history.keep)
         for result in outcome.plans:
             if self.metrics is not None:
                 self.metrics.planned(result.key, result.seconds)

@@ -40,6 +40,7 @@ from audsync.plan import (
     requeue_failed,
 )
 from audsync.progress import Progress
+from audsync.prune import prune_and_log
 from audsync.source import first_line, open_source
 from audsync.state import open_configured, open_state
 
@@ -157,6 +158,7 @@ def run_sync(
         )
         log_run_summaries(state, outcome.run_ids)
         alerts.notify(state, config.alert_webhook_url)
+        prune_and_log(state, config.history.keep)  # after alerts: they read the last runs
         source.dispose()
         return outcome
     finally:
