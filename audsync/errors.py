@@ -24,6 +24,7 @@ error message: no traceback, no ``[SQL: ...]``, no ``[parameters: ...]``.
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import threading
@@ -128,7 +129,8 @@ def registered_secrets() -> tuple[str, ...]:
 
 def secret_forms(secret: str) -> set[str]:
     """Every spelling of ``secret`` a message may carry: raw, stripped, as Python's repr
-    escapes it (``tok\\r``, as httpx/h11 quote a bad header), JSON-escaped, URL-encoded."""
+    escapes it (``tok\\r``, as httpx/h11 quote a bad header), JSON-escaped, URL-encoded,
+    HTML-escaped (an error page), and with runs of white space collapsed."""
     forms: set[str] = set()
     for raw in (secret, secret.strip()):
         if not raw:
@@ -141,6 +143,16 @@ def secret_forms(secret: str) -> set[str]:
         forms.add(quote(raw, safe=""))
         forms.add(quote_plus(raw, safe=""))
         forms.add(quote(raw))
+        forms.add(html.escape(raw))
+        # Go's JSON encoder (many proxies) escapes <, > and & as \u003c ...
+        forms.add(
+            json.dumps(raw)[1:-1]
+            .replace("<", "\\u003c")
+            .replace(">", "\\u003e")
+            .replace("&", "\\u0026")
+        )
+        forms.add(html.escape(raw, quote=False))
+        forms.add(" ".join(raw.split()))
     return {form for form in forms if form}
 
 
@@ -152,7 +164,8 @@ def redact(text: str, *secrets: str | None) -> str:
         if secret:
             forms |= secret_forms(secret)
     for form in sorted(forms, key=len, reverse=True):
-        text = text.replace(form, "***")
+        # Case-insensitively: a server may shout the token back in upper case.
+        text = re.sub(re.escape(form), "***", text, flags=re.IGNORECASE)
     return text
 
 

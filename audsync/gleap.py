@@ -406,15 +406,15 @@ class GleapClient:
                     # Gleap's API does not redirect, so a 3xx means base_url points
                     # somewhere else (http:// for https://, a wrong path, a proxy).
                     self._record(endpoint, "rejected")
-                    location = response.headers.get("Location") or "nowhere"
+                    # Redacted before it is cut, like every text from the server.
+                    location = one_line(
+                        redact(response.headers.get("Location") or "nowhere", self._token)
+                    )
                     return CallOutcome(
                         ok=False,
                         status=status,
-                        reason=redact(
-                            f"HTTP {status}: redirect to {location[:200]} (not followed;"
-                            " check gleap.base_url)",
-                            self._token,
-                        ),
+                        reason=f"HTTP {status}: redirect to {location[:200]} (not followed;"
+                        " check gleap.base_url)",
                         retries=failures + throttles,
                     )
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))

@@ -10,6 +10,7 @@ the HTML report and every column of every table of the state DB.
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 import sqlite3
@@ -332,3 +333,40 @@ def test_locked_state_db_error_in_the_cli_is_one_line(
     for bad in ("[SQL:", "[parameters:", "@example.com", "Traceback"):
         assert bad not in err
     assert all(line.count("\n") == 0 for line in err.splitlines())
+
+
+HTML_TOKEN = "Tok&en<9>'\"zz-l0ng-en0ugh"
+
+
+@pytest.mark.parametrize(
+    "spelled",
+    [
+        html.escape(HTML_TOKEN),
+        html.escape(HTML_TOKEN, quote=False),
+        HTML_TOKEN.upper(),
+        json.dumps(HTML_TOKEN)[1:-1]
+        .replace("<", "\\u003c")
+        .replace(">", "\\u003e")
+        .replace("&", "\\u0026"),
+    ],
+)
+def test_redact_hides_an_error_pages_spellings(spelled: str) -> None:
+    """Found by review: an HTML error page echoing the token escaped, a server that
+    upper-cases it, a Go proxy's JSON escapes."""
+    assert redact(f"<p>bad token: {spelled}</p>", HTML_TOKEN) == "<p>bad token: ***</p>"
+
+
+def test_a_redirects_location_is_redacted_before_it_is_cut() -> None:
+    """Found by review: the Location was cut to 200 characters before redaction, so a
+    token straddling the cut left its first characters in the error."""
+    with Sandbox(SECRET) as gleap:
+        location = "http://127.0.0.1:1/" + "a" * 175 + "?t=" + SECRET
+        gleap.fault = lambda method, path, body: (301, {"Location": location}, {})
+        with GleapClient(gleap.url, SECRET, max_retries=0) as client:
+            outcome = client.identify({"userId": "u1", "vip": True})
+    assert not outcome.ok and outcome.status == 301
+    assert outcome.reason is not None and "redirect" in outcome.reason
+    assert leaks(outcome.reason) == [], outcome.reason
+    assert not [
+        SECRET[i : i + 6] for i in range(len(SECRET) - 5) if SECRET[i : i + 6] in outcome.reason
+    ]
