@@ -232,7 +232,11 @@ _DURATION_MIN: dict[str, float] = {
     "sync.lease_ttl": defaults.MIN_LEASE_TTL,
     "state.busy_timeout": defaults.MIN_BUSY_TIMEOUT,
 }
-_INT_MAX: dict[str, int] = {"gleap.concurrency": defaults.MAX_CONCURRENCY}
+_INT_MAX: dict[str, int] = {
+    "gleap.concurrency": defaults.MAX_CONCURRENCY,
+    "gleap.rate_limit": defaults.MAX_RATE_LIMIT,
+    "sync.chunk_size": defaults.MAX_CHUNK_SIZE,
+}
 
 
 def resolve_config_path(cli_path: str | None, env: Mapping[str, str]) -> tuple[str, bool]:
@@ -415,8 +419,8 @@ def _coerce(value: Any, kind: str, where: str, key: str) -> Any:
                 raise ValueError(f"{value!r} must be a whole number")
             if number < (1 if kind == "posint" else 0):
                 raise ValueError(f"{value!r} must be {'positive' if kind == 'posint' else '>= 0'}")
-            most = _INT_MAX.get(key)
-            if most is not None and number > most:
+            most = _INT_MAX.get(key, defaults.MAX_WHOLE_NUMBER)
+            if number > most:
                 raise ValueError(f"{value!r} must be at most {most}")
             return number
         if kind == "ratio":

@@ -100,6 +100,18 @@ once on any lock", and a daemon beside a manual sync would fail routinely."""
 MAX_DURATION = 365 * 86400.0
 """No duration setting means more than a year; beyond it timers and timestamps overflow."""
 
+MAX_WHOLE_NUMBER = 2**31 - 1
+"""No whole-number setting may exceed a 32-bit signed integer: the state DB keeps
+counts like ``attempts`` in INTEGER columns and drivers pass sizes as C ints
+(found by review: a huge ``rate_limit`` ended in an OverflowError traceback)."""
+
+MAX_CHUNK_SIZE = 1_000_000
+"""Rows per round trip from the source: beyond a million, one chunk's memory is
+the problem chunking exists to avoid."""
+
+MAX_RATE_LIMIT = 1_000_000
+"""Requests per rate window: the pacer keeps a slot per request in the window."""
+
 MAX_CONCURRENCY = 256
 """One thread per call in flight: at Gleap's ~17 calls/s more than a few dozen only
 wait, and thousands of threads exhaust the process."""

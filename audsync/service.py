@@ -200,9 +200,11 @@ class Daemon:
         if self.stopping.is_set():
             return
         self.stopping.set()
-        self._beat("stopping", None)
-        # shutdown() from another thread: the signal may arrive while the
-        # scheduler's own lock is held by the main thread.
+        # The health record and the scheduler's shutdown() from other threads: the
+        # signal may arrive while the scheduler's lock is held by the main thread,
+        # and a locked state DB must not keep the signal thread from hearing the
+        # second signal (found by review: a stop that never stopped).
+        threading.Thread(target=self._beat, args=("stopping", None), daemon=True).start()
         threading.Thread(target=self._stop_scheduler, daemon=True).start()
 
     def _stop_scheduler(self) -> None:
