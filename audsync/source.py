@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from audsync.config import Definition
@@ -24,6 +24,7 @@ from audsync.values import (
     JSON_TRUE,
     UnstorableValue,
     attribute,
+    checked_text,
     dumps,
     normalize_user_id,
     timestamp,
@@ -102,6 +103,8 @@ def open_source(url: str) -> Engine:
     """An engine on the source DB; a clear AudsyncError when it cannot be reached."""
     try:
         engine = create_engine(url)
+        if engine.dialect.name == "sqlite" and engine.dialect.driver == "pysqlite":
+            event.listen(engine, "connect", _tolerate_bad_utf8)
         with engine.connect():
             pass
     except (SQLAlchemyError, ImportError, ValueError) as exc:
@@ -109,6 +112,18 @@ def open_source(url: str) -> Engine:
             f"source DB {_safe_url(url)} cannot be reached: {first_line(exc)}"
         ) from None
     return engine
+
+
+def _tolerate_bad_utf8(dbapi_connection: Any, _record: Any) -> None:
+    # SQLite stores whatever bytes it is given as TEXT; one row of bad UTF-8 made
+    # the driver fail the whole query (found by review). Decoded with
+    # surrogateescape, the bad bytes reach the id and value checks, which fail
+    # that one row or user with a reason instead.
+    dbapi_connection.text_factory = _decode_text
+
+
+def _decode_text(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
 
 
 def build_contact(row: dict[str, Any], skip: Sequence[str] = ()) -> dict[str, Any]:
@@ -168,7 +183,7 @@ def _as_text(value: Any) -> str | None:
     if value is None:
         return None
     if isinstance(value, str):
-        return value
+        return checked_text(value)
     converted = attribute(value)
     return None if converted is None else str(converted)
 

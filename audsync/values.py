@@ -121,12 +121,25 @@ def timestamp(value: Any) -> str | None:
     raise UnstorableValue(f"{type(value).__name__} is not a timestamp")
 
 
+def checked_text(value: str) -> str:
+    """``value`` when it can be sent as UTF-8; UnstorableValue when it holds bytes
+    that were not UTF-8 in the source (decoded as lone surrogates)."""
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UnstorableValue("is not valid UTF-8 text") from None
+    return value
+
+
 def attribute(value: Any) -> Any:
     """A value Gleap can store as a custom attribute: string, number, boolean or null.
 
     Raises UnstorableValue for lists, objects and non-finite numbers.
     """
-    if value is None or isinstance(value, bool | str):
+    if isinstance(value, str):
+        return checked_text(value)
+    if value is None or isinstance(value, bool):
         return value
     if isinstance(value, int):
         return value

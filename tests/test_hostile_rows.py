@@ -162,3 +162,39 @@ def test_repeats_far_apart_in_the_source_order_collapse(
     expected = {str(i) for i in range(1, 301)} | {f"{i}-x" for i in range(1, 301)}
     assert set(gleap.contacts()) == expected
     assert_counts_add_up(state_url)
+
+
+BAD_UTF8 = """
+[[audiences]]
+name = "VIP"
+sql = "SELECT user_id, email FROM raw_people WHERE vip = 1"
+"""
+
+
+def test_bytes_that_are_not_utf8_fail_their_row_alone(
+    make_config: Any,
+    gleap: Sandbox,
+    warehouse: Warehouse,
+    state_url: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Found by review: one TEXT value of invalid UTF-8 in a SQLite source made the
+    driver fail the whole query, and the error carried the row's value."""
+    warehouse.execute("CREATE TABLE raw_people (user_id TEXT, email TEXT, vip INTEGER)")
+    for i in range(1, 6):
+        warehouse.execute("INSERT INTO raw_people VALUES (?, ?, 1)", str(i), f"p{i}@x.io")
+    warehouse.execute("INSERT INTO raw_people VALUES ('6', CAST(X'66ff6f' AS TEXT), 1)")
+    warehouse.execute("INSERT INTO raw_people VALUES (CAST(X'31ff32' AS TEXT), 'z@x.io', 1)")
+    path, _ = make_config(body=BAD_UTF8)
+
+    code, _, err = run_cli(capsys, "-c", str(path), "sync")
+    assert "Traceback" not in err and "decode" not in err, err
+    contacts = gleap.contacts()
+    assert {u for u, c in contacts.items() if c.get("vip") is True} == {"1", "2", "3", "4", "5"}
+    run = query(state_url, "SELECT * FROM sync_runs WHERE audience_key = 'vip'")[0]
+    assert (run["members"], run["delivered"], run["failed"], run["invalid_ids"]) == (6, 5, 1, 1)
+    assert "not valid Unicode" in run["invalid_reasons"]
+    assert run["status"] == "partial" and code == 0
+    failure = query(state_url, "SELECT user_id, reason FROM delivery_failures")
+    assert [(f["user_id"], "not valid UTF-8" in f["reason"]) for f in failure] == [("6", True)]
+    assert_counts_add_up(state_url)
