@@ -233,11 +233,12 @@ def deliver(
     Gleap trouble: ``report.error`` carries it (auth, unavailable, rejecting
     everything, lease lost).
 
-    Rejections are held back until Gleap acknowledges something in this drain:
-    when the first :data:`DEFAULT_OUTAGE_PROBE` users are all rejected instead
-    (:func:`outage_verdict`), the drain stops with :class:`GleapRejectingAll` and
-    their rejections are never recorded — no attempt counted, no failure row —
-    so the changes stay pending for the next run.
+    Rejections are held back until Gleap next acknowledges something: when
+    :data:`DEFAULT_OUTAGE_PROBE` users in a row are rejected instead — at the
+    start of the drain or in its middle (:func:`outage_verdict`) — the drain
+    stops with :class:`GleapRejectingAll` and those rejections are never
+    recorded — no attempt counted, no failure row — so the changes stay pending
+    for the next run.
     """
     report = DeliveryReport()
     halt = threading.Event()
@@ -246,9 +247,9 @@ def deliver(
     skipped: set[str] = set()
     streak = 0
     last_unavailable: GleapUnavailable | None = None
-    # Until Gleap acknowledges one call, a rejection may be Gleap (or a proxy at
-    # base_url) refusing everything: hold it back rather than blame the user.
-    confirmed = False
+    # Until Gleap acknowledges a call again, a rejection may be Gleap (or a proxy
+    # at base_url) refusing everything: hold it back rather than blame the user.
+    acked_any = False
     outage = False
     held: list[tuple[str, list[CallResult]]] = []
     fresh: dict[str, int | None] = {}  # held users never rejected before -> status
@@ -457,11 +458,15 @@ def deliver(
                     halt.set()
                     continue
                 unacked.add(user_id)
-                if any(r.ok for r in results) and not confirmed and not outage:
-                    confirmed = True  # Gleap works: what it rejected was those users
+                if any(r.ok for r in results) and not outage:
+                    # Gleap works: what it rejected since its last acknowledgement
+                    # was those users. Rejections stay held between acknowledgements,
+                    # so a Gleap that starts rejecting everything mid-drain is an
+                    # outage too (found by review), not hundreds of users parked.
+                    acked_any = True
                     release_held()
                 rejected = all(not r.ok and r.status is not None for r in results)
-                if confirmed or not rejected:
+                if not rejected:
                     acks.extend(results)  # (a payload we could not build is ours, not Gleap's)
                 elif not outage:
                     held.append((user_id, results))
@@ -488,7 +493,7 @@ def deliver(
                 since_finalize = 0
     if held and report.error is None and not stop():
         # The drain ran dry with rejections only: an outage, or a few bad users.
-        if outage_verdict(fresh, known, False, finished=True):
+        if outage_verdict(fresh, known, acked_any, finished=True):
             declare_outage()
         else:
             release_held()

@@ -61,7 +61,7 @@ def outage_message(
         f"HTTP {status} x{n}" for status, n in sorted(counts.items(), key=lambda kv: -kv[1])
     )
     return (
-        f"Gleap acknowledged none of the first {len(rejected)} {what} and rejected them all"
+        f"Gleap rejected {len(rejected)} {what} in a row and acknowledged none of them"
         f" ({statuses}) at {method} {path}: {reason or 'rejected'}"
         + ("" if reason and "gleap.base_url" in reason else "; check gleap.base_url")
     )

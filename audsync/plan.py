@@ -314,6 +314,7 @@ def plan_definition(
         ),
         params,
     )
+    _park_spent(conn, key, max_attempts)
     result.superseded = sum(int(c) for r, c in superseded if r != run_id)
     # inserted + updated + overwritten: what this run now owns
     result.queued = int(upserted.rowcount) + int(overwritten)
@@ -340,6 +341,26 @@ def drop_forgotten(conn: Connection, key: str) -> None:
             models.snapshot.c.audience_key == key, models.snapshot.c.user_id.in_(forgotten)
         )
     )
+
+
+def _park_spent(conn: Connection, key: str, max_attempts: int) -> None:
+    """Park pending changes whose rejections already reach ``max_attempts`` (the
+    setting was lowered, or the value was re-queued after its user left and came
+    back): counted ``failed`` by the run that owns them, never sent again."""
+    r = models.sync_runs.c
+    parked = conn.execute(
+        text(
+            "UPDATE outbox SET state = 'failed' WHERE audience_key = :k AND state = 'pending'"
+            " AND attempts >= :max_attempts RETURNING run_id"
+        ),
+        {"k": key, "max_attempts": max_attempts},
+    ).scalars()
+    by_run: dict[int, int] = {}
+    for owner in parked:
+        if owner != NO_RUN:
+            by_run[owner] = by_run.get(owner, 0) + 1
+    for owner, count in sorted(by_run.items()):
+        conn.execute(update(models.sync_runs).where(r.id == owner).values(failed=r.failed + count))
 
 
 def _has_outbox_rows(conn: Connection, key: str) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from sqlalchemy import create_engine, insert
 from test_operability import Receiver
 
 from audsync import models
+from audsync.defaults import DEFAULT_CONCURRENCY
 from audsync.gleap import GleapClient
 from audsync.outage import misrouted, outage_verdict
 from audsync.sandbox import Sandbox
@@ -411,3 +413,78 @@ def test_daemon_stops_on_an_outage_alerts_and_blames_nobody(
     assert len(outbox) == 60 and {(r["state"], r["attempts"]) for r in outbox} == {("pending", 0)}
     assert query(state_url, "SELECT * FROM delivery_failures") == []
     assert TOKEN not in daemon.output()
+
+
+def test_gleap_that_starts_rejecting_everything_mid_drain_is_an_outage(
+    make_config: Any,
+    gleap: Sandbox,
+    warehouse: Warehouse,
+    state_url: str,
+    capsys: pytest.CaptureFixture[str],
+    receiver: Receiver,
+) -> None:
+    """Found by review: Gleap acknowledged 30 calls, then answered 413 to everything;
+    every remaining user was blamed, parked after max_attempts, exit 0, no alert."""
+    for i in range(1, 201):
+        warehouse.add(i, vip=True)
+    path, _ = make_config(
+        body=OUTAGE_BODY,
+        extra=f'[alerts]\nwebhook_url = "{receiver.url}"\n[sync]\nmax_attempts = 2\n',
+    )
+    answered = {"n": 0}
+    lock = threading.Lock()
+
+    def fault(method: str, path: str, body: Any) -> Any:
+        if path != "/admin/identify":
+            return None
+        with lock:
+            answered["n"] += 1
+            if answered["n"] <= 30:
+                return None
+        return 413, {}, {"error": "Request Entity Too Large"}
+
+    gleap.fault = fault
+    code, _out, err = run_cli(capsys, "-c", str(path), "sync")
+    assert code == 1, err
+    assert "HTTP 413" in err.strip().splitlines()[-1]
+    # Only users whose rejection was processed before an acknowledgement still in
+    # flight at the switch can have been blamed: a few, never the remaining 170.
+    blamed = query(state_url, "SELECT user_id FROM delivery_failures")
+    assert len(blamed) <= 4 * DEFAULT_CONCURRENCY
+    waiting = query(state_url, "SELECT * FROM outbox WHERE state = 'pending' AND attempts = 0")
+    assert len(waiting) >= 200 - 30 - 4 * DEFAULT_CONCURRENCY
+    assert "failed" in {r["status"] for r in query(state_url, "SELECT status FROM sync_runs")}
+    assert ("vip_customers", "failing") in {(m["audience"], m["event"]) for m in receiver.received}
+    assert_counts_add_up(state_url)
+
+    gleap.fault = None  # the next run sends the rest, the few blamed ones included
+    code, _out, err = run_cli(capsys, "-c", str(path), "sync")
+    assert code == 0, err
+    assert source_mismatches(gleap, warehouse) == []
+
+
+def test_a_lowered_max_attempts_parks_what_has_spent_it(
+    tmp_path: Path,
+    make_config: Any,
+    gleap: Sandbox,
+    warehouse: Warehouse,
+    state_url: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Found by review: a change rejected twice under max_attempts = 3 was sent again
+    after the setting was lowered to 1."""
+    for i in range(1, 6):
+        warehouse.add(i, vip=True, revenue=float(i))
+    gleap.reject_users = {"4"}
+    path, _ = make_config(body=OUTAGE_BODY, extra="[sync]\nmax_attempts = 3\n")
+    for run in (1, 2):
+        warehouse.execute("UPDATE people SET revenue = ? WHERE id = 4", 1000.0 + run)
+        assert run_cli(capsys, "-c", str(path), "sync")[0] == 0
+    assert user_calls(gleap, "4") == 2
+    path, _ = make_config(body=OUTAGE_BODY, extra="[sync]\nmax_attempts = 1\n")
+    warehouse.execute("UPDATE people SET revenue = 2000 WHERE id = 4")
+    assert run_cli(capsys, "-c", str(path), "sync")[0] == 0
+    assert user_calls(gleap, "4") == 2  # not sent again
+    rows = query(state_url, "SELECT state FROM outbox WHERE user_id = '4'")
+    assert {r["state"] for r in rows} == {"failed"}
+    assert_counts_add_up(state_url)
