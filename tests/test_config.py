@@ -191,7 +191,7 @@ BAD_VALUES: list[tuple[str, str, str, str]] = [
     ("gleap.concurrency", "0", "gleap.concurrency", "must be positive"),
     ("gleap.concurrency", "100000", "gleap.concurrency", "at most 256"),
     # Found by review: these ended in an OverflowError traceback.
-    ("gleap.rate_limit", "99999999999999999999", "gleap.rate_limit", "at most 1000000"),
+    ("gleap.rate_limit", "99999999999999999999", "gleap.rate_limit", "at most 1000000000"),
     ("sync.chunk_size", "10000000000", "sync.chunk_size", "at most 1000000"),
     ("sync.max_attempts", "100000000000000000000", "sync.max_attempts", "at most 2147483647"),
     ("gleap.max_retries", "3000000000", "gleap.max_retries", "at most 2147483647"),
