@@ -58,7 +58,14 @@ from audsync.gleap import (
 )
 from audsync.locks import Lease, still_held
 from audsync.outage import outage_message, outage_verdict
-from audsync.plan import NO_RUN, PRIORITY_BACKFILL, PRIORITY_RETRY, PRIORITY_ROUTINE, withdraw
+from audsync.plan import (
+    NO_RUN,
+    PRIORITY_BACKFILL,
+    PRIORITY_RETRY,
+    PRIORITY_ROUTINE,
+    credit_runs,
+    withdraw,
+)
 
 ACK_BATCH = 64
 """Call results committed per acknowledging transaction, at most."""
@@ -561,17 +568,8 @@ def _acknowledge(
                     report.failed += 1
         for change in _ack_all(conn, acknowledged, now):
             delivered_by_run[change.run_id] = delivered_by_run.get(change.run_id, 0) + 1
-        runs = models.sync_runs.c
-        for run_id, n in delivered_by_run.items():
-            conn.execute(
-                update(models.sync_runs)
-                .where(runs.id == run_id)
-                .values(delivered=runs.delivered + n)
-            )
-        for run_id, n in failed_by_run.items():
-            conn.execute(
-                update(models.sync_runs).where(runs.id == run_id).values(failed=runs.failed + n)
-            )
+        credit_runs(conn, "delivered", delivered_by_run)
+        credit_runs(conn, "failed", failed_by_run)
     return events
 
 

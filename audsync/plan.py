@@ -8,7 +8,8 @@ are pure functions at the top, tested with tables of cases.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -102,17 +103,22 @@ def withdraw(conn: Connection, *conditions: Any) -> int:
             deleted += 1
             if state == "pending":
                 by_run[run_id] = by_run.get(run_id, 0) + 1
-    credit_superseded(conn, by_run)
+    credit_runs(conn, "superseded", by_run)
     return deleted
 
 
-def credit_superseded(conn: Connection, by_run: dict[int, int]) -> None:
-    """Add ``by_run``'s counts to those runs' ``superseded``."""
+def credit_runs(
+    conn: Connection,
+    column: Literal["delivered", "failed", "superseded"],
+    by_run: Mapping[int, int],
+) -> None:
+    """Add ``by_run``'s counts to those runs' ``column`` (rows of no run are left out)."""
     r = models.sync_runs.c
     for run_id, count in sorted(by_run.items()):  # one lock order, whoever credits
-        conn.execute(
-            update(models.sync_runs).where(r.id == run_id).values(superseded=r.superseded + count)
-        )
+        if run_id != NO_RUN and count:
+            conn.execute(
+                update(models.sync_runs).where(r.id == run_id).values({column: r[column] + count})
+            )
 
 
 def absent_value(definition: Definition) -> str:
@@ -265,7 +271,7 @@ def plan_definition(
         ),
         params,
     ).all()
-    credit_superseded(conn, {r: int(c) for r, c in superseded if r != run_id})
+    credit_runs(conn, "superseded", {r: int(c) for r, c in superseded if r != run_id})
     # A pending value whose call may already have reached Gleap (the process
     # died mid-call, or the call is in flight now) cannot be withdrawn: Gleap
     # may hold it. Overwrite it with what Gleap should hold instead.
@@ -347,7 +353,6 @@ def _park_spent(conn: Connection, key: str, max_attempts: int) -> None:
     """Park pending changes whose rejections already reach ``max_attempts`` (the
     setting was lowered, or the value was re-queued after its user left and came
     back): counted ``failed`` by the run that owns them, never sent again."""
-    r = models.sync_runs.c
     parked = conn.execute(
         text(
             "UPDATE outbox SET state = 'failed' WHERE audience_key = :k AND state = 'pending'"
@@ -355,12 +360,7 @@ def _park_spent(conn: Connection, key: str, max_attempts: int) -> None:
         ),
         {"k": key, "max_attempts": max_attempts},
     ).scalars()
-    by_run: dict[int, int] = {}
-    for owner in parked:
-        if owner != NO_RUN:
-            by_run[owner] = by_run.get(owner, 0) + 1
-    for owner, count in sorted(by_run.items()):
-        conn.execute(update(models.sync_runs).where(r.id == owner).values(failed=r.failed + count))
+    credit_runs(conn, "failed", Counter(parked))
 
 
 def _has_outbox_rows(conn: Connection, key: str) -> bool:
