@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +93,8 @@ def hold_identify(gleap: Sandbox, user_id: str) -> tuple[threading.Event, thread
     return held, release
 
 
-def race_forget_with_a_call_in_flight(
+@contextmanager
+def forget_waiting_on_a_held_call(
     tmp_path: Path,
     gleap: Sandbox,
     warehouse: Warehouse,
@@ -100,10 +102,9 @@ def race_forget_with_a_call_in_flight(
     processes: list[Process],
     *,
     events: bool,
-) -> Path:
-    """Sync alice and user2; forget alice while her Identify is held in the sandbox."""
-    warehouse.add(1, vip=True)
-    warehouse.add(2, vip=True)
+) -> Iterator[tuple[Path, Process, Process]]:
+    """A sync whose Identify of alice the sandbox holds, and `forget alice` waiting
+    on it: yields (config, sync, forget); the call is released on leaving."""
     path = write_config(
         tmp_path,
         base_url=gleap.url,
@@ -119,14 +120,32 @@ def race_forget_with_a_call_in_flight(
         forget = Process(tmp_path, "forget", "-c", str(path), "forget", "alice")
         processes.append(forget)
         wait_for(lambda: "waiting" in forget.output(), 30, "forget to wait for the call")
+        yield path, sync, forget
+    finally:
+        release.set()
+
+
+def race_forget_with_a_call_in_flight(
+    tmp_path: Path,
+    gleap: Sandbox,
+    warehouse: Warehouse,
+    state_url: str,
+    processes: list[Process],
+    *,
+    events: bool,
+) -> Path:
+    """Sync alice and user2; forget alice while her Identify is held in the sandbox."""
+    warehouse.add(1, vip=True)
+    warehouse.add(2, vip=True)
+    with forget_waiting_on_a_held_call(
+        tmp_path, gleap, warehouse, state_url, processes, events=events
+    ) as (path, sync, forget):
         # Held past the grace a stop gives a call in flight: the deliverer must not
         # walk away from alice's call for the forget's sake (Gleap would still
         # apply it after the DELETE), so nothing may happen meanwhile.
         time.sleep(DEFAULT_STOP_GRACE + 1.5)
         assert gleap.calls("/admin/contacts/") == []  # it waits: no DELETE yet
         assert forget.proc.poll() is None
-    finally:
-        release.set()
     assert forget.wait(60) == 0, forget.output()
     assert "alice: deleted in Gleap and suppressed" in forget.output()
     assert sync.wait(60) == 0, sync.output()
@@ -376,24 +395,10 @@ def test_forget_undone_while_it_waits_deletes_nothing(
     """`forget --undo` during the wait: the user is no longer suppressed, so the
     forget must neither wipe nor delete, and must say so (exit 1)."""
     warehouse.add(1, vip=True)
-    path = write_config(
-        tmp_path,
-        base_url=gleap.url,
-        source_url=warehouse.url,
-        state_url=state_url,
-        body=WAREHOUSE_BODY.format(events="false", user_id=USER_ID),
-    )
-    held, release = hold_identify(gleap, "alice")
-    try:
-        sync = Process(tmp_path, "sync", "-c", str(path), "sync")
-        processes.append(sync)
-        wait_for(held.is_set, 30, "alice's Identify to reach the sandbox")
-        forget = Process(tmp_path, "forget", "-c", str(path), "forget", "alice")
-        processes.append(forget)
-        wait_for(lambda: "waiting" in forget.output(), 30, "forget to wait for the call")
+    with forget_waiting_on_a_held_call(
+        tmp_path, gleap, warehouse, state_url, processes, events=False
+    ) as (path, sync, forget):
         assert run_cli(capsys, "-c", str(path), "forget", "--undo", "alice")[0] == 0
-    finally:
-        release.set()
     assert forget.wait(60) == 1, forget.output()
     assert "forget --undo" in forget.output()
     assert sync.wait(60) == 0, sync.output()
