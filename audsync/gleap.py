@@ -11,6 +11,7 @@ Pass ``transport=`` (any httpx transport) to test without a network.
 
 from __future__ import annotations
 
+import datetime as dt
 import email.utils
 import json
 import random
@@ -34,7 +35,7 @@ from audsync.errors import (
 )
 from audsync.pacing import Pacer
 from audsync.source import INVALID_MARK
-from audsync.values import timestamp
+from audsync.values import UnstorableValue, timestamp
 
 TRACK_PATH = "/admin/track"
 CONTACTS_PATH = "/admin/contacts/"
@@ -102,8 +103,14 @@ def track_event(
         raise PayloadError("an event needs a name")
     if user_id is None or not str(user_id).strip():
         raise PayloadError(f"event {name!r} has no userId")
-    iso = timestamp(date)
-    if iso is None or "T" not in iso:
+    date_only = isinstance(date, dt.date) and not isinstance(date, dt.datetime)
+    if isinstance(date, str):
+        date_only = "T" not in date and " " not in date.strip()
+    try:
+        iso = None if date_only else timestamp(date)
+    except UnstorableValue:
+        iso = None
+    if iso is None:
         raise PayloadError(f"event {name!r} needs a date with a time, got {date!r}")
     event: dict[str, Any] = {"name": event_name(name), "userId": str(user_id), "date": iso}
     dropped = 0

@@ -94,31 +94,51 @@ def user_id_problem(user_id: str) -> str | None:
 
 
 def iso_utc(value: dt.datetime | dt.date) -> str:
-    """ISO 8601 in UTC with a ``Z``; naive datetimes are taken to be UTC already."""
-    if isinstance(value, dt.datetime):
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=dt.UTC)
-        text = value.astimezone(dt.UTC).isoformat()
-        return text.removesuffix("+00:00") + "Z"
-    return value.isoformat()
+    """Gleap's date form, ``2022-09-28T10:11:18.156Z``: UTC, milliseconds, a ``Z``.
+
+    Naive datetimes are taken to be UTC already; a date is its midnight UTC.
+    Microseconds are cut to milliseconds (never rounded into the next second).
+    """
+    if not isinstance(value, dt.datetime):
+        value = dt.datetime(value.year, value.month, value.day)
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.UTC)
+    value = value.astimezone(dt.UTC)
+    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
 
 
 def timestamp(value: Any) -> str | None:
-    """A column value that should be a point in time, as ISO 8601 UTC text."""
+    """A column value that should be a point in time, in Gleap's form (:func:`iso_utc`).
+
+    Accepts datetimes, dates, Unix seconds or milliseconds, and ISO 8601 text;
+    raises UnstorableValue for anything else (``'yesterday'``), so the user's
+    change fails with that reason instead of Gleap storing text as a date.
+    """
     if value is None or value == "":
         return None
     if isinstance(value, dt.datetime | dt.date):
         return iso_utc(value)
-    if isinstance(value, int | float) and not isinstance(value, bool):
+    if isinstance(value, int | float | Decimal) and not isinstance(value, bool):
+        number = float(value)
+        if not math.isfinite(number):
+            raise UnstorableValue(f"{value!r} is not a timestamp")
         # Unix seconds, or milliseconds when the number is too large for seconds.
-        seconds = value / 1000 if value > 1e11 else value
-        return iso_utc(dt.datetime.fromtimestamp(seconds, dt.UTC))
-    if isinstance(value, str):
+        seconds = number / 1000 if abs(number) > 1e11 else number
         try:
-            return iso_utc(dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00")))
+            return iso_utc(dt.datetime.fromtimestamp(seconds, dt.UTC))
+        except (OverflowError, OSError, ValueError):
+            raise UnstorableValue(f"{value!r} is not a timestamp (out of range)") from None
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
         except ValueError:
-            return value
-    raise UnstorableValue(f"{type(value).__name__} is not a timestamp")
+            raise UnstorableValue(
+                f"{checked_text(value)[:60]!r} is not a timestamp (ISO 8601 expected,"
+                " e.g. 2022-09-28T10:11:18Z)"
+            ) from None
+        return iso_utc(parsed)
+    raise UnstorableValue(f"a {type(value).__name__} is not a timestamp")
 
 
 def checked_text(value: str) -> str:
@@ -153,8 +173,10 @@ def attribute(value: Any) -> Any:
         if value == value.to_integral_value():
             return int(value)
         return float(value)
-    if isinstance(value, dt.datetime | dt.date):
+    if isinstance(value, dt.datetime):
         return iso_utc(value)
+    if isinstance(value, dt.date):
+        return value.isoformat()  # a calendar date: no time of day to invent
     if isinstance(value, dt.time):
         return value.isoformat()
     if isinstance(value, uuid.UUID):

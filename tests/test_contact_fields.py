@@ -53,21 +53,21 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "user-value": ({"user_value": 12.5}, {"value": 12.5}),
     "signed-up-string-naive": (
         {"signed_up_at": "2026-01-02 03:04:05"},
-        {"createdAt": "2026-01-02T03:04:05Z"},
+        {"createdAt": "2026-01-02T03:04:05.000Z"},
     ),
     "signed-up-string-offset": (
         {"signed_up_at": "2026-01-02T05:04:05+02:00"},
-        {"createdAt": "2026-01-02T03:04:05Z"},
+        {"createdAt": "2026-01-02T03:04:05.000Z"},
     ),
     "last-seen": (
         {"last_seen_at": "2026-11-28T22:00:00Z"},
-        {"lastActivity": "2026-11-28T22:00:00Z"},
+        {"lastActivity": "2026-11-28T22:00:00.000Z"},
     ),
     "page-with-seen": (
         {"last_page_view": "https://x.io/p", "last_seen_at": "2026-11-28 22:00:00"},
         {
-            "lastActivity": "2026-11-28T22:00:00Z",
-            "lastPageView": {"page": "https://x.io/p", "date": "2026-11-28T22:00:00Z"},
+            "lastActivity": "2026-11-28T22:00:00.000Z",
+            "lastPageView": {"page": "https://x.io/p", "date": "2026-11-28T22:00:00.000Z"},
         },
     ),
     "page-alone": (
@@ -159,9 +159,9 @@ def test_datetimes_and_an_unstorable_column_from_postgres(
         "userId": "1",
         "all": True,
         "prefs": None,
-        "lastActivity": "2026-11-28T22:00:00Z",  # naive: taken as UTC
-        "createdAt": "2026-01-02T03:04:05Z",  # aware: converted to UTC
-        "lastPageView": {"page": "https://x.io/a", "date": "2026-11-28T22:00:00Z"},
+        "lastActivity": "2026-11-28T22:00:00.000Z",  # naive: taken as UTC
+        "createdAt": "2026-01-02T03:04:05.000Z",  # aware: converted to UTC
+        "lastPageView": {"page": "https://x.io/a", "date": "2026-11-28T22:00:00.000Z"},
     }
     assert gleap.contact("2") == {
         "userId": "2",

@@ -33,13 +33,13 @@ def test_event_name(name: str, sent: str) -> None:
 @pytest.mark.parametrize(
     ("date", "iso"),
     [
-        (NOW, "2026-11-29T10:00:00Z"),
+        (NOW, "2026-11-29T10:00:00.000Z"),
         (
             dt.datetime(2026, 11, 29, 12, 0, tzinfo=dt.timezone(dt.timedelta(hours=2))),
-            "2026-11-29T10:00:00Z",
+            "2026-11-29T10:00:00.000Z",
         ),
-        ("2026-11-29T05:00:00-05:00", "2026-11-29T10:00:00Z"),
-        ("2026-11-29T10:00:00Z", "2026-11-29T10:00:00Z"),
+        ("2026-11-29T05:00:00-05:00", "2026-11-29T10:00:00.000Z"),
+        ("2026-11-29T10:00:00Z", "2026-11-29T10:00:00.000Z"),
     ],
 )
 def test_track_event_dates_are_utc(date: Any, iso: str) -> None:

@@ -27,13 +27,19 @@ from audsync.source import INVALID_MARK, build_contact
         ({"plan": "pro"}, {"plan": "pro"}),
         ({"user_value": Decimal("12.50")}, {"value": 12.5}),
         ({"user_value": "3"}, {"value": 3}),
-        ({"signed_up_at": dt.datetime(2026, 1, 2, 3, 4, 5)}, {"createdAt": "2026-01-02T03:04:05Z"}),
-        ({"last_seen_at": "2026-01-02T05:00:00+02:00"}, {"lastActivity": "2026-01-02T03:00:00Z"}),
+        (
+            {"signed_up_at": dt.datetime(2026, 1, 2, 3, 4, 5)},
+            {"createdAt": "2026-01-02T03:04:05.000Z"},
+        ),
+        (
+            {"last_seen_at": "2026-01-02T05:00:00+02:00"},
+            {"lastActivity": "2026-01-02T03:00:00.000Z"},
+        ),
         (
             {"last_page_view": "https://x.io/a", "last_seen_at": dt.datetime(2026, 1, 2)},
             {
-                "lastActivity": "2026-01-02T00:00:00Z",
-                "lastPageView": {"page": "https://x.io/a", "date": "2026-01-02T00:00:00Z"},
+                "lastActivity": "2026-01-02T00:00:00.000Z",
+                "lastPageView": {"page": "https://x.io/a", "date": "2026-01-02T00:00:00.000Z"},
             },
         ),
         ({"last_page_view": "https://x.io/a"}, {"lastPageView": {"page": "https://x.io/a"}}),

@@ -398,7 +398,7 @@ sql = "SELECT id AS user_id, spend AS value FROM customers"
         "userId": "1",
         "email": "a@x.io",
         "tags": None,
-        "createdAt": "2026-01-02T10:00:00Z",
+        "createdAt": "2026-01-02T10:00:00.000Z",
         "customers": True,
         "spend": 12.5,
     }
