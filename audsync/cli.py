@@ -563,7 +563,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     for definition in config.definitions:
         probe = f"SELECT COUNT(*) FROM (\n{definition.sql}\n) audsync_q"
         try:
-            next(iter(stream_snapshot(source, definition, 1, StreamStats())), None)
+            rows = stream_snapshot(source, definition, 1, StreamStats(), keys=config.key_kinds())
+            next(iter(rows), None)
             with source.connect() as conn:
                 count = conn.execute(text(probe)).scalar_one()
             print(f"{definition.kind} {definition.key}: ok ({count:,} rows)")

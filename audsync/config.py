@@ -194,6 +194,10 @@ class Config:
             )
         return tuple(known[k] for k in dict.fromkeys(keys))
 
+    def key_kinds(self) -> dict[str, Kind]:
+        """Every audience and trait key with its kind: no query column may take one."""
+        return {d.key: d.kind for d in self.definitions}
+
     def event_kinds(self) -> dict[str, Kind]:
         """Keys whose transitions are also sent as Track events, with their kind."""
         return {d.key: d.kind for d in self.definitions if d.events}

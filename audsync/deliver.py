@@ -34,6 +34,7 @@ from sqlalchemy import (
 from audsync import models
 from audsync.clock import utcnow
 from audsync.config import Kind
+from audsync.contact import INVALID_MARK
 from audsync.defaults import (
     DEFAULT_CONCURRENCY,
     DEFAULT_DELIVER_BATCH,
@@ -206,10 +207,29 @@ def mark_attempted(conn: Connection, users: list[str]) -> None:
     )
 
 
+def unsendable(changes: list[Change]) -> tuple[list[Change], list[tuple[Change, str]]]:
+    """``changes`` split into those that can be sent and those whose own row holds
+    a column Gleap cannot store, each with a reason naming its audience and column.
+
+    One audience's bad column fails that audience's change alone: the user's
+    other audiences and traits still go in the call, with their own contact fields.
+    """
+    good: list[Change] = []
+    bad: list[tuple[Change, str]] = []
+    for change in changes:
+        problem = json.loads(change.contact).get(INVALID_MARK) if change.contact else None
+        if problem:
+            bad.append((change, f"not sendable: {change.audience_key!r}: {problem}"))
+        else:
+            good.append(change)
+    return good, bad
+
+
 def plan_calls(user_id: str, changes: list[Change]) -> list[tuple[dict[str, Any], list[Change]]]:
     """The Identify bodies for one user's changes, each with the changes it carries.
 
-    Raises PayloadError when the user's contact data cannot be sent.
+    Raises PayloadError when the user's contact data cannot be sent (see
+    :func:`unsendable` to set such changes apart first).
     """
     contacts = [json.loads(c.contact) for c in changes if c.contact]
     values = [(c.audience_key, json.loads(c.value)) for c in changes]
@@ -274,11 +294,17 @@ def deliver(
     abandoned: set[str] = set()
 
     def send_user(user_id: str, changes: list[Change]) -> list[CallResult]:
+        changes, bad = unsendable(changes)
+        results = [CallResult([c], ok=False, status=None, reason=why) for c, why in bad]
+        if not changes:
+            return results
         try:
             calls = plan_calls(user_id, changes)
         except PayloadError as exc:
-            return [CallResult(changes, ok=False, status=None, reason=f"not sendable: {exc}")]
-        results = []
+            results.append(
+                CallResult(changes, ok=False, status=None, reason=f"not sendable: {exc}")
+            )
+            return results
         for body, carried in calls:
             # A call about a forgotten user never starts; one already sent is
             # never abandoned for the forget's sake: Gleap might still apply it

@@ -25,6 +25,7 @@ from urllib.parse import quote
 import httpx
 
 from audsync import defaults
+from audsync.contact import INVALID_MARK
 from audsync.errors import (
     CallAbandoned,
     GleapAuthError,
@@ -34,7 +35,6 @@ from audsync.errors import (
     redact,
 )
 from audsync.pacing import Pacer
-from audsync.source import INVALID_MARK
 from audsync.values import UnstorableValue, timestamp
 
 TRACK_PATH = "/admin/track"

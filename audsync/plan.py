@@ -163,12 +163,15 @@ def plan_definition(
     max_attempts: int = 5,
     stop: Callable[[], bool] | None = None,
     on_rows: Callable[[int], None] | None = None,
+    keys: Mapping[str, str] | None = None,
 ) -> PlanResult:
     """Snapshot ``definition``'s query and queue its changes, inside ``conn``'s transaction.
 
     When the circuit breaker holds the plan, nothing is queued and
     ``result.held`` says why: the caller must roll the transaction back.
     ``on_rows`` is told the rows read so far after every chunk of the query.
+    ``keys`` (every audience and trait key -> its kind) keeps a column from
+    being named like one of them (:func:`audsync.contact.map_columns`).
     """
     key = definition.key
     absent = absent_value(definition)
@@ -178,7 +181,7 @@ def plan_definition(
     mode = choose_mode(ledger_rows, full)
     result = PlanResult(key=key, mode=mode, kind_label=definition.kind)
 
-    load_snapshot(conn, source, definition, chunk_size, result.stats, stop, on_rows)
+    load_snapshot(conn, source, definition, chunk_size, result.stats, stop, on_rows, keys)
     if conn.dialect.name == "postgresql":
         # Fresh statistics, or the planner takes a million-row snapshot for an
         # empty table and anti-joins it row by row.
@@ -376,10 +379,12 @@ def load_snapshot(
     stats: StreamStats,
     stop: Callable[[], bool] | None = None,
     on_rows: Callable[[int], None] | None = None,
+    keys: Mapping[str, str] | None = None,
 ) -> None:
     """Replace the audience's snapshot with the query's current result."""
     conn.execute(delete(models.snapshot).where(models.snapshot.c.audience_key == definition.key))
-    chunks = _reported(stream_snapshot(source, definition, chunk_size, stats, stop), stats, on_rows)
+    rows = stream_snapshot(source, definition, chunk_size, stats, stop, keys)
+    chunks = _reported(rows, stats, on_rows)
     if conn.dialect.name == "postgresql":
         _copy_snapshot(conn, definition.key, chunks, stats, chunk_size)
     else:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,44 +19,20 @@ from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from audsync.config import Definition
+from audsync.contact import INVALID_MARK as INVALID_MARK  # re-exported: the old home
+from audsync.contact import ColumnProblem, map_columns
+from audsync.contact import build_contact as build_contact  # re-exported: the old home
 from audsync.errors import AudsyncError, Interrupted, SourceError
 from audsync.values import (
     JSON_TRUE,
     UnstorableValue,
     attribute,
-    checked_text,
     dumps,
     normalize_user_id,
-    timestamp,
     user_id_problem,
 )
 
 log = logging.getLogger("audsync.source")
-
-INVALID_MARK = "__invalid__"
-"""Contact key carrying why a user's row holds a value Gleap cannot store."""
-
-# Query column -> Gleap contact field, for the plain string fields.
-_STRING_FIELDS = {
-    "email": "email",
-    "phone": "phone",
-    "company_name": "companyName",
-    "company_id": "companyId",
-    "lang": "lang",
-    "language": "lang",
-    "plan": "plan",
-}
-_NAME_PARTS = ("first_name", "last_name")
-_SPECIAL = {
-    "user_id",
-    "name",
-    "user_value",
-    "signed_up_at",
-    "last_seen_at",
-    "last_page_view",
-    *_STRING_FIELDS,
-    *_NAME_PARTS,
-}
 
 CANCEL_POLL = 0.1
 """Seconds between looks at the stop request while a source query runs."""
@@ -126,86 +102,13 @@ def _decode_text(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
-def build_contact(row: dict[str, Any], skip: Sequence[str] = ()) -> dict[str, Any]:
-    """Gleap contact fields and custom attributes from one row's columns (docs/gleap-contract.md).
-
-    ``skip`` names columns that are not contact data (``value`` of a trait).
-    A value Gleap cannot store is not raised: it is reported under INVALID_MARK
-    so the one user fails with a reason and the rest of the audience goes on.
-    """
-    contact: dict[str, Any] = {}
-    problems: list[str] = []
-
-    def put(field_name: str, column: str, convert: Any) -> None:
-        try:
-            converted = convert(row[column])
-        except (UnstorableValue, ValueError, TypeError) as exc:
-            problems.append(f"column {column!r}: {exc}")
-            return
-        if converted is not None and converted != "":
-            contact[field_name] = converted
-
-    for column, field_name in _STRING_FIELDS.items():
-        if column in row and field_name not in contact:
-            put(field_name, column, _as_text)
-    if "name" in row and row["name"] not in (None, ""):
-        put("name", "name", _as_text)
-    else:
-        parts = [_as_text(row.get(p)) for p in _NAME_PARTS]
-        joined = " ".join(p.strip() for p in parts if p and p.strip())
-        if joined:
-            contact["name"] = joined
-    if "user_value" in row:
-        put("value", "user_value", _as_number)
-    if "signed_up_at" in row:
-        put("createdAt", "signed_up_at", timestamp)
-    if "last_seen_at" in row:
-        put("lastActivity", "last_seen_at", timestamp)
-    page = _as_text(row.get("last_page_view"))
-    if page:
-        view: dict[str, Any] = {"page": page}
-        if contact.get("lastActivity"):
-            view["date"] = contact["lastActivity"]
-        contact["lastPageView"] = view
-    for column, value in row.items():
-        if column in _SPECIAL or column in skip:
-            continue
-        try:
-            contact[column] = attribute(value)
-        except UnstorableValue as exc:
-            problems.append(f"column {column!r}: {exc}")
-    if problems:
-        contact[INVALID_MARK] = "; ".join(problems)
-    return contact
-
-
-def _as_text(value: Any) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return checked_text(value)
-    converted = attribute(value)
-    return None if converted is None else str(converted)
-
-
-def _as_number(value: Any) -> Any:
-    if value is None or value == "":
-        return None
-    if isinstance(value, str):
-        number = float(value)
-        return int(number) if number.is_integer() else number
-    converted = attribute(value)
-    if isinstance(converted, bool) or not isinstance(converted, int | float):
-        raise UnstorableValue(f"{value!r} is not a number")
-    return converted
-
-
 def stream_snapshot(
     engine: Engine,
     definition: Definition,
     chunk_size: int,
     stats: StreamStats,
     stop: Callable[[], bool] | None = None,
+    keys: Mapping[str, str] | None = None,
 ) -> Iterator[list[SnapshotRow]]:
     """Yield the query's rows as snapshot rows, in chunks, sorted by user id.
 
@@ -214,20 +117,17 @@ def stream_snapshot(
     reason; a user id that appears again next to itself is collapsed (the first
     row wins) and counted (the loader collapses the rest). For a trait, a
     row whose ``value`` is null means the user has no value and is left out.
-    Raises SourceError naming the audience when the query fails.
+    Raises SourceError naming the audience when the query fails or its columns
+    cannot be sent (:func:`audsync.contact.map_columns`; ``keys`` maps every
+    audience and trait key to its kind, so a column cannot overwrite one).
     """
     key = definition.key
     columns = _columns(engine, definition, stop)
     stats.columns = columns
-    lower = [c.lower() for c in columns]
-    if "user_id" not in lower:
-        raise SourceError(
-            key, f"the query returns no user_id column (it returns: {', '.join(columns)})"
-        )
-    if definition.kind == "trait" and "value" not in lower:
-        raise SourceError(
-            key, f"a trait query must return a value column (it returns: {', '.join(columns)})"
-        )
+    try:
+        column_map = map_columns(columns, definition.kind, key, keys)
+    except ColumnProblem as exc:
+        raise SourceError(key, str(exc)) from None
     ordered = (
         f"SELECT * FROM (\n{definition.sql}\n) audsync_q ORDER BY {text_order(engine.dialect.name)}"
     )
@@ -235,9 +135,9 @@ def stream_snapshot(
     is_trait = definition.kind == "trait"
     # Column roles are decided once per query, not once per row: this loop runs
     # a million times for a large audience.
-    id_at = lower.index("user_id")
-    value_at = lower.index("value") if is_trait else -1
-    contact_at = [(i, name) for i, name in enumerate(lower) if i not in (id_at, value_at)]
+    id_at = column_map.user_id_at
+    value_at = column_map.value_at
+    contact_at = column_map.contact_at
     cancelled: Callable[[], bool] = _never
     try:
         with engine.connect() as conn, cancel_on_stop(conn, stop) as cancelled:

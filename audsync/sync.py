@@ -360,6 +360,7 @@ def _plan_one(
                 max_attempts=config.sync.max_attempts,
                 stop=stop,
                 on_rows=on_rows,
+                keys=config.key_kinds(),
             )
         except SourceError as exc:
             progress.finish("querying")
@@ -529,6 +530,7 @@ def _dry_run(
                         max_exit_ratio=config.sync.max_exit_ratio,
                         max_attempts=config.sync.max_attempts,
                         on_rows=_query_progress(progress, definition.key, None),
+                        keys=config.key_kinds(),
                     )
                 except SourceError as exc:
                     outcome.errors.append(str(exc))
