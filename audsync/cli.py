@@ -317,6 +317,9 @@ def _config(args: argparse.Namespace, *, require_file: bool = True) -> Config:
     # every later log line and error message of this process.
     token = config.gleap.api_token.reveal() if config.gleap.api_token else None
     use_secrets(token, config.alert_webhook_url)
+    if args.command != "check":  # check prints them among its findings
+        for note in config.notes:
+            log.warning("%s: %s", config.path, note)
     return config
 
 
@@ -550,6 +553,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     config = _config(args)
     print(f"config {config.path}: ok ({len(config.definitions)} audiences and traits)")
+    for note in config.notes:
+        print(f"config {config.path}: {note}")
     problems = 0
     try:
         with make_client(config, max_retries=1) as client:

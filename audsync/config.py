@@ -22,7 +22,7 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,9 +33,20 @@ from sqlalchemy.exc import ArgumentError
 
 from audsync import defaults
 from audsync.errors import ConfigError
-from audsync.keys import derive_key, duplicate_keys, key_problem
+from audsync.keys import (
+    NoLatinForm,
+    choose_key,
+    derive_key,
+    duplicate_keys,
+    key_problem,
+    legacy_key,
+    needs_ledger,
+)
 
 Kind = Literal["audience", "trait"]
+
+StoredKeys = Callable[[str, float, Collection[str]], Collection[str]]
+"""(state URL, busy timeout, candidate keys) -> those of the keys with ledger rows."""
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -159,6 +170,9 @@ class Config:
     history: HistoryConfig = field(default_factory=HistoryConfig)
     definitions: tuple[Definition, ...] = ()
     alert_webhook_url: str | None = None
+    notes: tuple[str, ...] = ()
+    """Things the user should know about the config that are not errors (a key kept
+    because Gleap already holds it): logged by every command, printed by ``check``."""
 
     def require_token(self) -> str:
         """The API token, or a ConfigError saying where to put it."""
@@ -257,8 +271,14 @@ def load_config(
     env: Mapping[str, str] | None = None,
     *,
     require_file: bool = True,
+    stored_keys: StoredKeys | None = None,
 ) -> Config:
-    """Read, override from ``env`` and validate the config. Raises ConfigError."""
+    """Read, override from ``env`` and validate the config. Raises ConfigError.
+
+    A definition whose derived key depends on the ledger (``keys.needs_ledger``)
+    asks ``stored_keys`` (by default the state DB, read only) which keys Gleap
+    already holds, so a key in a ledger never changes.
+    """
     env = os.environ if env is None else env
     path, named = resolve_config_path(cli_path, env)
     raw: dict[str, Any] = {}
@@ -272,11 +292,24 @@ def load_config(
             raise ConfigError(path, "", f"cannot be read: {exc.strerror}") from None
     elif named or require_file:
         raise ConfigError(path, "", "file not found")
-    return parse_config(raw, env, path)
+    if stored_keys is None:
+        from audsync.state import keys_in_ledger  # the state module imports this one
+
+        stored_keys = keys_in_ledger
+    return parse_config(raw, env, path, stored_keys=stored_keys)
 
 
-def parse_config(raw: Mapping[str, Any], env: Mapping[str, str], path: str) -> Config:
-    """Validate an already-parsed TOML document plus env overrides."""
+def parse_config(
+    raw: Mapping[str, Any],
+    env: Mapping[str, str],
+    path: str,
+    *,
+    stored_keys: StoredKeys | None = None,
+) -> Config:
+    """Validate an already-parsed TOML document plus env overrides.
+
+    Without ``stored_keys`` no key is taken to be in a ledger.
+    """
     for top in raw:
         if top not in _SECTIONS and top not in ("audiences", "traits"):
             raise ConfigError(path, top, "unknown section")
@@ -308,18 +341,26 @@ def parse_config(raw: Mapping[str, Any], env: Mapping[str, str], path: str) -> C
         # Zero would prune every run the moment it finishes.
         where = "AUDSYNC_HISTORY_KEEP" if env.get("AUDSYNC_HISTORY_KEEP", "") else path
         raise ConfigError(where, "history.keep", "must be longer than 0 (e.g. 90d)")
-    definitions = _parse_definitions(raw, path)
+    state_url = values["state"].get("url", defaults.DEFAULT_STATE_URL)
+    busy_timeout = values["state"].get("busy_timeout", defaults.DEFAULT_BUSY_TIMEOUT)
+
+    def in_ledger(candidates: Collection[str]) -> Collection[str]:
+        return stored_keys(state_url, busy_timeout, candidates) if stored_keys else ()
+
+    notes: list[str] = []
+    definitions = _parse_definitions(raw, path, in_ledger, notes)
     return Config(
         path=path,
         source_url=values["source"].get("url"),
-        state_url=values["state"].get("url", defaults.DEFAULT_STATE_URL),
-        state_busy_timeout=values["state"].get("busy_timeout", defaults.DEFAULT_BUSY_TIMEOUT),
+        state_url=state_url,
+        state_busy_timeout=busy_timeout,
         gleap=gleap,
         schedule=ScheduleConfig(**values["schedule"]),
         sync=SyncConfig(**values["sync"]),
         history=history,
         alert_webhook_url=values["alerts"].get("webhook_url"),
         definitions=definitions,
+        notes=tuple(notes),
     )
 
 
@@ -444,7 +485,24 @@ def _coerce(value: Any, kind: str, where: str, key: str) -> Any:
     raise AssertionError(kind)  # pragma: no cover
 
 
-def _parse_definitions(raw: Mapping[str, Any], path: str) -> tuple[Definition, ...]:
+def _key_from_name(
+    name: str, in_ledger: Callable[[Collection[str]], Collection[str]], path: str, where: str
+) -> tuple[str, str | None]:
+    if not needs_ledger(name):
+        return derive_key(name), None
+    stored = in_ledger(sorted({derive_key(name), legacy_key(name)} - {""}))
+    try:
+        return choose_key(name, stored)
+    except NoLatinForm as exc:
+        raise ConfigError(path, f"{where}.key", str(exc)) from None
+
+
+def _parse_definitions(
+    raw: Mapping[str, Any],
+    path: str,
+    in_ledger: Callable[[Collection[str]], Collection[str]],
+    notes: list[str],
+) -> tuple[Definition, ...]:
     found: list[Definition] = []
     sections: tuple[tuple[str, Kind], ...] = (("audiences", "audience"), ("traits", "trait"))
     for section, kind in sections:
@@ -469,7 +527,10 @@ def _parse_definitions(raw: Mapping[str, Any], path: str) -> tuple[Definition, .
             key = entry.get("key")
             if key is not None and not isinstance(key, str):
                 raise ConfigError(path, f"{where}.key", "must be a string")
-            key = key if key is not None else derive_key(name)
+            if key is None:
+                key, note = _key_from_name(name, in_ledger, path, where)
+                if note:
+                    notes.append(f"{where}: {note}")
             problem = key_problem(key)
             if problem:
                 raise ConfigError(path, f"{where}.key", problem)

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, inspect, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from audsync import migrate
+from audsync import migrate, models
 from audsync.config import Config
 from audsync.defaults import DEFAULT_BUSY_TIMEOUT
 from audsync.errors import StateError, redact
@@ -95,3 +96,35 @@ def open_for_reading(config: Config) -> Engine:
             f" {current or 'none'}, this audsync needs {head}: run `audsync db upgrade`"
         )
     return engine
+
+
+def keys_in_ledger(url: str, busy_timeout: float, keys: Collection[str]) -> set[str]:
+    """Which of ``keys`` have ledger rows in the state DB at ``url`` (Gleap holds them).
+
+    Read only: a state DB that does not exist yet (or has no ledger table) holds
+    none, and is not created. Raises StateError when it exists but cannot be read,
+    rather than guess: a wrong guess would move an audience to a new key.
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and (
+        not parsed.database or parsed.database == ":memory:" or not Path(parsed.database).exists()
+    ):
+        return set()
+    engine = open_state(url, upgrade=False, busy_timeout=busy_timeout)
+    try:
+        with engine.connect() as conn:
+            if not inspect(conn).has_table("ledger"):
+                return set()
+            ledger = models.ledger.c
+            return set(
+                conn.execute(
+                    select(ledger.audience_key).distinct().where(ledger.audience_key.in_(keys))
+                ).scalars()
+            )
+    except SQLAlchemyError as exc:
+        raise StateError(
+            f"state DB {parsed.render_as_string(hide_password=True)}: cannot read which keys"
+            f" Gleap holds: {_first_line(exc)}"
+        ) from None
+    finally:
+        engine.dispose()

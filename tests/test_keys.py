@@ -2,7 +2,15 @@ from __future__ import annotations
 
 import pytest
 
-from audsync.keys import derive_key, duplicate_keys, key_problem
+from audsync.keys import (
+    NoLatinForm,
+    choose_key,
+    derive_key,
+    duplicate_keys,
+    foreign_letters,
+    key_problem,
+    legacy_key,
+)
 
 
 @pytest.mark.parametrize(
@@ -16,10 +24,51 @@ from audsync.keys import derive_key, duplicate_keys, key_problem
         ("Café Lovers", "cafe_lovers"),
         ("already_snake", "already_snake"),
         ("VIP", "vip"),
+        # Latin letters are spelled out, never dropped (issue 13).
+        ("Straße Kunden", "strasse_kunden"),
+        ("Œuvre fans", "oeuvre_fans"),
+        ("Ørsted customers", "orsted_customers"),
+        ("Łódź users", "lodz_users"),
+        ("Æsir fans", "aesir_fans"),
+        ("Þórr", "thorr"),
+        ("GROSSE Straße", "grosse_strasse"),
+        ("VIP 🎉 buyers", "vip_buyers"),  # not a letter: a separator, as before
     ],
 )
 def test_derive_key(name: str, key: str) -> None:
     assert derive_key(name) == key
+
+
+@pytest.mark.parametrize(
+    ("name", "foreign"),
+    [("日本 Users", "日本"), ("Москва", "Москва"), ("Straße", ""), ("Café", ""), ("🎉 x", "")],
+)
+def test_foreign_letters(name: str, foreign: str) -> None:
+    assert foreign_letters(name) == foreign
+
+
+@pytest.mark.parametrize(
+    ("name", "stored", "key", "noted"),
+    [
+        ("Order Completed", set(), "order_completed", False),  # the rules agree
+        ("Straße Kunden", set(), "strasse_kunden", False),  # new: the new rule
+        ("Straße Kunden", {"strae_kunden"}, "strae_kunden", True),  # in a ledger: kept
+        ("Straße Kunden", {"strasse_kunden"}, "strasse_kunden", False),
+        ("Straße Kunden", {"strae_kunden", "strasse_kunden"}, "strasse_kunden", False),
+        ("日本 Users", {"users"}, "users", True),
+    ],
+)
+def test_choose_key(name: str, stored: set[str], key: str, noted: bool) -> None:
+    chosen, note = choose_key(name, stored)
+    assert chosen == key and (note is not None) == noted
+    if note:
+        assert repr(key) in note and f'set key = "{key}"' in note
+
+
+def test_choose_key_refuses_letters_with_no_latin_form() -> None:
+    with pytest.raises(NoLatinForm, match="'日本 Users' has letters with no Latin form"):
+        choose_key("日本 Users", {"japan"})
+    assert legacy_key("日本 Users") == "users"  # what the earlier rule silently made
 
 
 @pytest.mark.parametrize(
