@@ -93,7 +93,7 @@ class Sandbox:
             "PRAGMA journal_mode=WAL;"
             "CREATE TABLE IF NOT EXISTS contacts (user_id TEXT PRIMARY KEY, data TEXT NOT NULL);"
             "CREATE TABLE IF NOT EXISTS calls (id INTEGER PRIMARY KEY, at REAL, method TEXT,"
-            " path TEXT, status INTEGER, user_id TEXT, body TEXT);"
+            " path TEXT, status INTEGER, user_id TEXT, body TEXT, query TEXT, headers TEXT);"
             "CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY, user_id TEXT,"
             " name TEXT, date TEXT, data TEXT);"
         )
@@ -156,11 +156,12 @@ class Sandbox:
         return json.loads(row[0]) if row else None
 
     def calls(self, path_prefix: str = "/admin/") -> list[dict[str, Any]]:
-        """Requests received, oldest first (method, path, status, user_id, body)."""
+        """Requests received, oldest first (method, path, status, user_id, body, and the
+        raw query string and headers, names lower-cased, as sent)."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT at, method, path, status, user_id, body FROM calls WHERE path LIKE ?"
-                " ORDER BY id",
+                "SELECT at, method, path, status, user_id, body, query, headers FROM calls"
+                " WHERE path LIKE ? ORDER BY id",
                 (path_prefix + "%",),
             ).fetchall()
         return [
@@ -171,8 +172,10 @@ class Sandbox:
                 "status": s,
                 "user_id": u,
                 "body": json.loads(b) if b else None,
+                "query": q or "",
+                "headers": json.loads(h) if h else {},
             }
-            for at, m, p, s, u, b in rows
+            for at, m, p, s, u, b, q, h in rows
         ]
 
     def events(self) -> list[dict[str, Any]]:
@@ -313,7 +316,15 @@ class Sandbox:
             return 200, {}, self.stats.__dict__
         return 404, {}, {"error": "unknown sandbox route"}
 
-    def log(self, method: str, path: str, status: int, body: bytes) -> None:
+    def log(
+        self,
+        method: str,
+        path: str,
+        status: int,
+        body: bytes,
+        query: str = "",
+        headers: dict[str, str] | None = None,
+    ) -> None:
         user_id = None
         text = body.decode("utf-8", "replace") if body else None
         if text and path.startswith("/admin/identify"):
@@ -325,9 +336,18 @@ class Sandbox:
         with self._lock:
             self.stats.by_status[status] = self.stats.by_status.get(status, 0) + 1
             self._db.execute(
-                "INSERT INTO calls (at, method, path, status, user_id, body)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (time.time(), method, path, status, user_id, text),
+                "INSERT INTO calls (at, method, path, status, user_id, body, query, headers)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    time.time(),
+                    method,
+                    path,
+                    status,
+                    user_id,
+                    text,
+                    query,
+                    json.dumps(headers or {}),
+                ),
             )
 
 
@@ -422,7 +442,8 @@ def _make_handler(sandbox: Sandbox) -> type[BaseHTTPRequestHandler]:
             else:
                 self.wfile.write(data)
             if not self.path.startswith("/_sandbox/"):
-                sandbox.log(self.command, urlsplit(self.path).path, status, body)
+                parts = urlsplit(self.path)
+                sandbox.log(self.command, parts.path, status, body, parts.query, headers)
 
         do_GET = do_POST = do_DELETE = _serve
 
