@@ -351,7 +351,7 @@ UNION ALL SELECT 2.0 UNION ALL SELECT 'u3' UNION ALL SELECT 'u3'
     assert set(gleap.contacts()) == {"1", "2", "u3"}
 
 
-def test_postgres_source_and_unstorable_column_fails_that_user_only(
+def test_postgres_source_and_unstorable_column_fails_that_audience_change_only(
     pg_url: str,
     gleap: Sandbox,
     tmp_path: Path,
@@ -403,10 +403,14 @@ sql = "SELECT id AS user_id, spend AS value FROM customers"
         "spend": 12.5,
     }
     assert gleap.contact("3") == {"userId": "3", "email": "c@x.io", "tags": None, "customers": True}
-    assert gleap.contact("2") is None
-    (failure, *_more) = query(state_url, "SELECT * FROM delivery_failures WHERE user_id = '2'")
-    assert failure["http_status"] is None
-    assert "column 'tags'" in failure["reason"] and "list" in failure["reason"]
+    # Only the audience whose row holds the array fails for user 2: the trait
+    # goes in the call (issue 13 item 6).
+    assert gleap.contact("2") == {"userId": "2", "spend": 100}
+    (failure,) = query(state_url, "SELECT * FROM delivery_failures WHERE user_id = '2'")
+    assert failure["http_status"] is None and failure["audience_key"] == "customers"
+    assert failure["reason"] == (
+        "not sendable: 'customers': column 'tags': a list cannot be stored in a Gleap attribute"
+    )
     assert_counts_add_up(state_url)
 
 
