@@ -7,6 +7,7 @@ are pure functions at the top, tested with tables of cases.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -148,6 +149,7 @@ class PlanResult:
     stats: StreamStats = field(default_factory=StreamStats)
     kind_label: str = "audience"
     seconds: float = 0.0  # wall time of the plan, query included
+    counted_only: bool = False  # a dry run's first plan: members counted, not queued
 
 
 def plan_definition(
@@ -164,6 +166,7 @@ def plan_definition(
     stop: Callable[[], bool] | None = None,
     on_rows: Callable[[int], None] | None = None,
     keys: Mapping[str, str] | None = None,
+    dry_run: bool = False,
 ) -> PlanResult:
     """Snapshot ``definition``'s query and queue its changes, inside ``conn``'s transaction.
 
@@ -172,6 +175,11 @@ def plan_definition(
     ``on_rows`` is told the rows read so far after every chunk of the query.
     ``keys`` (every audience and trait key -> its kind) keeps a column from
     being named like one of them (:func:`audsync.contact.map_columns`).
+
+    A first plan writes each member once, straight into the outbox (no
+    snapshot: the next plan writes it). With ``dry_run`` (the caller rolls back)
+    a first plan loads only the snapshot and counts; ``result.counted_only``
+    then says its members were not queued (``dry_run_calls`` adds them).
     """
     key = definition.key
     absent = absent_value(definition)
@@ -181,45 +189,19 @@ def plan_definition(
     mode = choose_mode(ledger_rows, full)
     result = PlanResult(key=key, mode=mode, kind_label=definition.kind)
 
-    load_snapshot(conn, source, definition, chunk_size, result.stats, stop, on_rows, keys)
-    if conn.dialect.name == "postgresql":
-        # Fresh statistics, or the planner takes a million-row snapshot for an
-        # empty table and anti-joins it row by row.
-        conn.exec_driver_sql("ANALYZE snapshot")
-        conn.exec_driver_sql("ANALYZE ledger")
-    # Forgotten users never come back through a query (audsync forget).
-    conn.execute(
-        text(
-            "DELETE FROM snapshot WHERE audience_key = :k"
-            " AND user_id IN (SELECT user_id FROM suppressions)"
-        ),
-        {"k": key},
-    )
-    result.members = conn.execute(
-        select(func.count())
-        .select_from(models.snapshot)
-        .where(models.snapshot.c.audience_key == key)
-    ).scalar_one()
-
     if mode == "initial" and not _has_outbox_rows(conn, key):
-        # First sync and nothing queued: every member is a change, so copy the
-        # snapshot straight into the outbox (no diff table, no upsert).
-        result.entered = result.members
-        result.queued = int(
-            conn.execute(
-                text(
-                    "INSERT INTO outbox (audience_key, user_id, value, contact, run_id, version,"
-                    " priority, state, attempts, queued_at)"
-                    " SELECT audience_key, user_id, value, contact, :run, 1, :prio, 'pending', 0,"
-                    " :now FROM snapshot WHERE audience_key = :k AND "
-                    + NOT_FORGOTTEN.format("snapshot.user_id")
-                ),
-                {"k": key, "run": run_id, "prio": PRIORITY_BACKFILL, "now": utcnow()},
-            ).rowcount
-        )
-        _record_audience(conn, definition, result.members)
-        drop_forgotten(conn, key)
+        # First sync and nothing queued: every member is a change.
+        if dry_run:
+            _count_first_plan(conn, source, definition, result, chunk_size, stop, on_rows, keys)
+        else:
+            _queue_first_plan(
+                conn, source, definition, result, run_id, chunk_size, stop, on_rows, keys
+            )
         return result
+
+    load_snapshot(conn, source, definition, chunk_size, result.stats, stop, on_rows, keys)
+    _drop_suppressed_from_snapshot(conn, key)
+    result.members = _snapshot_members(conn, key)
 
     if conn.dialect.name == "postgresql":
         # From the diff's reads to the commit, no acknowledgement (nor any other
@@ -332,6 +314,112 @@ def plan_definition(
     return result
 
 
+def _drop_suppressed_from_snapshot(conn: Connection, key: str) -> None:
+    if conn.dialect.name == "postgresql":
+        # Fresh statistics, or the planner takes a million-row snapshot for an
+        # empty table and anti-joins it row by row.
+        conn.exec_driver_sql("ANALYZE snapshot")
+        conn.exec_driver_sql("ANALYZE ledger")
+    # Forgotten users never come back through a query (audsync forget).
+    conn.execute(
+        text(
+            "DELETE FROM snapshot WHERE audience_key = :k"
+            " AND user_id IN (SELECT user_id FROM suppressions)"
+        ),
+        {"k": key},
+    )
+
+
+def _snapshot_members(conn: Connection, key: str) -> int:
+    return int(
+        conn.execute(
+            select(func.count())
+            .select_from(models.snapshot)
+            .where(models.snapshot.c.audience_key == key)
+        ).scalar_one()
+    )
+
+
+def _queue_first_plan(
+    conn: Connection,
+    source: Engine,
+    definition: Definition,
+    result: PlanResult,
+    run_id: int,
+    chunk_size: int,
+    stop: Callable[[], bool] | None,
+    on_rows: Callable[[int], None] | None,
+    keys: Mapping[str, str] | None,
+) -> None:
+    """A first plan with nothing queued: stream the members straight into the outbox.
+
+    Each member is written once. The snapshot keeps no rows of this audience
+    (an older one would be stale); the next plan loads it. Ids, values and
+    contacts are exactly what the snapshot would hold: the same stream, the same
+    duplicate rule (ON CONFLICT on the outbox key).
+    """
+    key = definition.key
+    conn.execute(delete(models.snapshot).where(models.snapshot.c.audience_key == key))
+    target = outbox_target(key, run_id, PRIORITY_BACKFILL, utcnow())
+    load_rows(conn, target, source, definition, chunk_size, result.stats, stop, on_rows, keys)
+    # Forgotten users never come back through a query (audsync forget): these
+    # rows were never pending for anyone else, so there is nothing to credit.
+    conn.execute(
+        text(
+            "DELETE FROM outbox WHERE audience_key = :k AND run_id = :run"
+            " AND user_id IN (SELECT user_id FROM suppressions)"
+        ),
+        {"k": key, "run": run_id},
+    )
+    o = models.outbox.c
+    result.members = int(
+        conn.execute(
+            select(func.count()).select_from(models.outbox).where(o.audience_key == key)
+        ).scalar_one()
+    )
+    result.entered = result.queued = result.members
+    _record_audience(conn, definition, result.members)
+    drop_forgotten(conn, key)
+
+
+def _count_first_plan(
+    conn: Connection,
+    source: Engine,
+    definition: Definition,
+    result: PlanResult,
+    chunk_size: int,
+    stop: Callable[[], bool] | None,
+    on_rows: Callable[[int], None] | None,
+    keys: Mapping[str, str] | None,
+) -> None:
+    """A dry run's first plan: load the snapshot (to count distinct, storable,
+    unforgotten ids exactly as a real plan would) and queue nothing."""
+    load_snapshot(conn, source, definition, chunk_size, result.stats, stop, on_rows, keys)
+    _drop_suppressed_from_snapshot(conn, definition.key)
+    result.members = _snapshot_members(conn, definition.key)
+    result.entered = result.queued = result.members
+    result.counted_only = True
+
+
+def dry_run_calls(conn: Connection, counted_only: Iterable[str]) -> int:
+    """The Identify calls a real sync would make after the plans of a dry run.
+
+    Users with a pending change (as ``deliver.pending_user_count`` counts them),
+    together with the members of the ``counted_only`` keys — first plans a dry
+    run counted instead of queueing — each user once.
+    """
+    keys = sorted(set(counted_only))
+    o = models.outbox.c
+    pending = select(o.user_id).where(o.state == "pending", o.priority != PRIORITY_RETRY)
+    s = models.snapshot.c
+    users = (
+        pending.union(select(s.user_id).where(s.audience_key.in_(keys)))
+        if keys
+        else pending.distinct()
+    )
+    return int(conn.execute(select(func.count()).select_from(users.subquery())).scalar_one())
+
+
 def drop_forgotten(conn: Connection, key: str) -> None:
     """Last statements of a plan: remove what it wrote about users forgotten meanwhile.
 
@@ -371,6 +459,56 @@ def _has_outbox_rows(conn: Connection, key: str) -> bool:
     return conn.execute(select(o.user_id).where(o.audience_key == key).limit(1)).first() is not None
 
 
+@dataclass(frozen=True)
+class LoadTarget:
+    """Where streamed rows are written: the snapshot, or — for a first plan — the outbox.
+
+    Every row carries ``(audience_key, user_id, value, contact)``; ``extra`` names
+    further columns that hold the same value on every row, given as SQL literals
+    (ints and fixed text only) so the load binds nothing per row but the row.
+    """
+
+    table: Literal["snapshot", "outbox"]
+    key: str
+    extra: tuple[tuple[str, str], ...] = ()
+
+    def columns(self) -> str:
+        extra = (c for c, _ in self.extra)
+        return ", ".join(["audience_key", "user_id", "value", "contact", *extra])
+
+    def insert(self, placeholder: str) -> str:
+        """INSERT of one (user_id, value, contact) row, skipping ids already loaded."""
+        values = ", ".join(
+            [sql_literal(self.key), *[placeholder] * 3, *(v for _, v in self.extra)]
+        )
+        return (
+            f"INSERT INTO {self.table} ({self.columns()}) VALUES ({values})"
+            " ON CONFLICT DO NOTHING"
+        )
+
+
+def sql_literal(value: str) -> str:
+    """``value`` as a SQL string literal (keys and fixed words, never user data)."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def outbox_target(key: str, run_id: int, priority: int, now: dt.datetime) -> LoadTarget:
+    """A first plan's members, queued as they stream in (version 1, pending, no attempts)."""
+    return LoadTarget(
+        "outbox",
+        key,
+        (
+            ("run_id", str(int(run_id))),
+            ("version", "1"),
+            ("priority", str(int(priority))),
+            ("state", "'pending'"),
+            ("attempts", "0"),
+            # The text SQLAlchemy stores for a DateTime on SQLite; PostgreSQL parses it.
+            ("queued_at", sql_literal(now.strftime("%Y-%m-%d %H:%M:%S.%f"))),
+        ),
+    )
+
+
 def load_snapshot(
     conn: Connection,
     source: Engine,
@@ -383,12 +521,32 @@ def load_snapshot(
 ) -> None:
     """Replace the audience's snapshot with the query's current result."""
     conn.execute(delete(models.snapshot).where(models.snapshot.c.audience_key == definition.key))
+    load_rows(
+        conn, LoadTarget("snapshot", definition.key), source, definition, chunk_size, stats,
+        stop, on_rows, keys,
+    )
+
+
+def load_rows(
+    conn: Connection,
+    target: LoadTarget,
+    source: Engine,
+    definition: Definition,
+    chunk_size: int,
+    stats: StreamStats,
+    stop: Callable[[], bool] | None = None,
+    on_rows: Callable[[int], None] | None = None,
+    keys: Mapping[str, str] | None = None,
+) -> None:
+    """Stream the query's rows into ``target``: COPY on PostgreSQL, executemany elsewhere."""
     rows = stream_snapshot(source, definition, chunk_size, stats, stop, keys)
     chunks = _reported(rows, stats, on_rows)
     if conn.dialect.name == "postgresql":
-        _copy_snapshot(conn, definition.key, chunks, stats, chunk_size)
+        _copy_rows(conn, target, chunks, stats, chunk_size)
     else:
-        _insert_snapshot(conn, definition.key, chunks, stats)
+        statement = target.insert("?")
+        for chunk in chunks:
+            _insert_rows(conn, statement, chunk, stats)
 
 
 def _reported(
@@ -402,14 +560,14 @@ def _reported(
             on_rows(stats.rows)
 
 
-def _copy_snapshot(
+def _copy_rows(
     conn: Connection,
-    key: str,
+    target: LoadTarget,
     chunks: Iterable[list[SnapshotRow]],
     stats: StreamStats,
     chunk_size: int,
 ) -> None:
-    """COPY the rows into the snapshot; ids that do not rise go in by INSERT ... ON CONFLICT.
+    """COPY the rows into ``target``; ids that do not rise go in by INSERT ... ON CONFLICT.
 
     COPY has no ON CONFLICT, so one repeated id would abort the whole load. The
     source sorts by the id's text and repeats next to each other are already
@@ -423,47 +581,42 @@ def _copy_snapshot(
     new COPY goes on with the rest.
     """
     cursor: Any = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-    statement = "COPY snapshot (audience_key, user_id, value, contact) FROM STDIN"
+    key = target.key
+    # The constant columns go in as text; PostgreSQL parses each to its column's type.
+    constants = tuple(_unquoted(v) for _, v in target.extra)
+    statement = f"COPY {target.table} ({target.columns()}) FROM STDIN"
+    straggler_insert = target.insert("%s")
     pending = iter(chunks)
     highest = ""  # below every id: empty ids never reach the snapshot
     more = True
     while more:
         more = False
-        stragglers: list[tuple[str, str, str, str | None]] = []
+        stragglers: list[SnapshotRow] = []
         with cursor.copy(statement) as copy:
             write = copy.write_row
             for chunk in pending:
-                for user_id, value, contact in chunk:
+                for row in chunk:
+                    user_id = row[0]
                     if user_id > highest:
                         highest = user_id
-                        write((key, user_id, value, contact))
+                        write((key, *row, *constants))
                     else:
-                        stragglers.append((key, user_id, value, contact))
+                        stragglers.append(row)
                 if len(stragglers) >= chunk_size:
                     more = True  # the next COPY resumes with the next chunk
                     break
         if stragglers:
-            _insert_rows(conn, stragglers, stats)
+            _insert_rows(conn, straggler_insert, stragglers, stats)
 
 
-def _insert_snapshot(
-    conn: Connection, key: str, chunks: Iterable[list[SnapshotRow]], stats: StreamStats
-) -> None:
-    for chunk in chunks:
-        _insert_rows(conn, [(key, u, v, c) for u, v, c in chunk], stats)
+def _unquoted(literal: str) -> str:
+    return literal[1:-1].replace("''", "'") if literal.startswith("'") else literal
 
 
 def _insert_rows(
-    conn: Connection, rows: list[tuple[str, str, str, str | None]], stats: StreamStats
+    conn: Connection, statement: str, rows: list[SnapshotRow], stats: StreamStats
 ) -> None:
-    """Insert snapshot rows; an id already there is a duplicate: counted, first row kept."""
-    statement = (
-        "INSERT INTO snapshot (audience_key, user_id, value, contact) VALUES (?, ?, ?, ?)"
-        " ON CONFLICT DO NOTHING"
-        if conn.dialect.name == "sqlite"
-        else "INSERT INTO snapshot (audience_key, user_id, value, contact)"
-        " VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING"
-    )
+    """Insert rows; an id already there is a duplicate: counted, first row kept."""
     cursor = conn.exec_driver_sql(statement, rows)
     if cursor.rowcount >= 0:
         stats.duplicate_ids += len(rows) - cursor.rowcount

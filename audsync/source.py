@@ -11,12 +11,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from audsync.config import Definition
 from audsync.contact import INVALID_MARK as INVALID_MARK  # re-exported: the old home
@@ -141,25 +141,26 @@ def stream_snapshot(
     cancelled: Callable[[], bool] = _never
     try:
         with engine.connect() as conn, cancel_on_stop(conn, stop) as cancelled:
-            result = conn.execution_options(stream_results=True, yield_per=chunk_size).execute(
-                text(ordered)
-            )
-            for partition in result.partitions(chunk_size):
+            for partition in fetch_chunks(conn, ordered, chunk_size):
                 if stop is not None and stop():
                     raise Interrupted(f"planning {key} stopped by a shutdown request")
                 out: list[SnapshotRow] = []
                 stats.rows += len(partition)
                 for raw in partition:
                     raw_id = raw[id_at]
-                    user_id = normalize_user_id(raw_id)
-                    if user_id is None:
-                        stats.skipped_ids += 1
-                        continue
-                    # A driver's int is at most a few dozen digits of 0-9: only
-                    # other types can carry a control character or run too long.
-                    if type(raw_id) is not int and (problem := user_id_problem(user_id)):
-                        stats.invalid(problem, user_id)
-                        continue
+                    if type(raw_id) is int:
+                        # A driver's int is at most a few dozen digits of 0-9: it
+                        # cannot carry a control character or run too long.
+                        user_id = str(raw_id)
+                    else:
+                        found = normalize_user_id(raw_id)
+                        if found is None:
+                            stats.skipped_ids += 1
+                            continue
+                        if problem := user_id_problem(found):
+                            stats.invalid(problem, found)
+                            continue
+                        user_id = found
                     if user_id == last_id:
                         stats.duplicate_ids += 1
                         continue
@@ -187,6 +188,39 @@ def stream_snapshot(
         if cancelled():
             raise Interrupted(f"planning {key} stopped by a shutdown request") from None
         raise SourceError(key, f"query failed: {first_line(exc)}") from None
+
+
+def fetch_chunks(conn: Connection, sql: str, chunk_size: int) -> Iterator[Sequence[Any]]:
+    """The rows of ``sql`` (no parameters), ``chunk_size`` at a time, as driver tuples.
+
+    On SQLite (sqlite3) and PostgreSQL (psycopg 3) the driver's own cursor is read
+    directly — a server-side cursor on PostgreSQL — because building a SQLAlchemy
+    Row per row cost as much as everything else a plan does per row. Other
+    engines stream through SQLAlchemy.
+    """
+    dialect = conn.dialect
+    if dialect.name == "sqlite" and dialect.driver == "pysqlite":
+        cursor: Any = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    elif dialect.name == "postgresql" and dialect.driver == "psycopg":
+        # A named cursor lives in the transaction SQLAlchemy's connection begins.
+        conn.exec_driver_sql("SELECT 1")
+        cursor = conn.connection.driver_connection.cursor(name="audsync_source")  # type: ignore[union-attr]
+        cursor.itersize = chunk_size
+    else:
+        result = conn.execution_options(stream_results=True, yield_per=chunk_size).execute(
+            text(sql)
+        )
+        yield from result.partitions(chunk_size)
+        return
+    try:
+        cursor.execute(sql)
+        while rows := cursor.fetchmany(chunk_size):
+            yield rows
+    except conn.dialect.loaded_dbapi.Error as exc:
+        # The same error SQLAlchemy raises, so callers tell a failing query alike.
+        raise DBAPIError.instance(sql, None, exc, conn.dialect.loaded_dbapi.Error) from exc
+    finally:
+        cursor.close()
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, delete, func, select
+from sqlalchemy import Engine, create_engine, delete, event, func, select
 from sqlalchemy.engine import make_url
 
 from audsync import alerts, locks, models
@@ -35,6 +35,7 @@ from audsync.history import (
 from audsync.plan import (
     PlanResult,
     choose_mode,
+    dry_run_calls,
     ensure_audience,
     plan_definition,
     requeue_failed,
@@ -531,6 +532,7 @@ def _dry_run(
                         max_attempts=config.sync.max_attempts,
                         on_rows=_query_progress(progress, definition.key, None),
                         keys=config.key_kinds(),
+                        dry_run=True,
                     )
                 except SourceError as exc:
                     outcome.errors.append(str(exc))
@@ -538,7 +540,9 @@ def _dry_run(
                 finally:
                     progress.finish("querying")
                 outcome.plans.append(result)
-            outcome.dry_run_calls = pending_user_count(conn)
+            outcome.dry_run_calls = dry_run_calls(
+                conn, (p.key for p in outcome.plans if p.counted_only)
+            )
         finally:
             tx.rollback()
     source.dispose()
@@ -555,6 +559,12 @@ def _query_progress(progress: Progress, key: str, expected: int | None) -> Calla
         progress.update("querying", rows, total=max(rows, expected) if expected else None)
 
     return on_rows
+
+
+def _scratch_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # Thrown away after the dry run (always rolled back): no durability needed.
+    dbapi_connection.execute("PRAGMA synchronous=OFF")
+    dbapi_connection.execute("PRAGMA journal_mode=MEMORY")
 
 
 class _DryRunState:
@@ -581,8 +591,12 @@ class _DryRunState:
                 self.engine = engine
                 return engine
             engine.dispose()
+        # An empty scratch DB stands in for the state; its tables are created
+        # from the models (what the migrations build), not migrated step by step.
         self.tmp = tempfile.TemporaryDirectory(prefix="audsync-dry-run-")
-        self.engine = open_state(f"sqlite:///{self.tmp.name}/state.db")
+        self.engine = create_engine(f"sqlite:///{self.tmp.name}/state.db")
+        event.listen(self.engine, "connect", _scratch_pragmas)
+        models.metadata.create_all(self.engine)
         return self.engine
 
     def __exit__(self, *exc: object) -> None:
