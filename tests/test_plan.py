@@ -207,3 +207,102 @@ def test_value_that_may_have_reached_gleap_is_overwritten_not_withdrawn(
     assert rows[("revenue", "1")] == (None, 2)
     assert ("vip", "2") not in rows and ("revenue", "2") not in rows  # never sent: withdrawn
     assert vip.queued == 2 and revenue.queued == 2  # user 1's overwrite + user 3
+
+
+TRICKY = Definition(
+    "audience",
+    "Tricky",
+    "tricky",
+    "SELECT id AS user_id, email, plan, score, seen FROM tricky",
+)
+
+
+def _tricky_source(path: Path) -> Engine:
+    """Ids of every shape the edges rules name, with contact columns of several types."""
+    import sqlite3
+
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE tricky (id, email TEXT, plan TEXT, score REAL, seen TEXT)")
+    rows = [
+        (42, "a@x.io", "pro", 1.5, "2024-01-02T03:04:05Z"),
+        (42.0, "dup@x.io", None, None, None),  # the same user as 42: collapsed
+        ("42-1", "b@x.io", "free", 2.0, None),
+        ("abc", None, None, None, None),
+        ("abc", "again@x.io", None, None, None),  # repeat
+        (None, "no-id@x.io", None, None, None),  # no id: skipped
+        ("", "empty@x.io", None, None, None),  # empty: skipped
+        ("  ", "blank@x.io", None, None, None),
+        ("bad\x01id", "ctl@x.io", None, None, None),  # control character: invalid
+        ("x" * 600, "long@x.io", None, None, None),  # too long: invalid
+        (7.5, "frac@x.io", "pro", 3.0, None),
+        ("ünï", "u@x.io", "plan \"quoted\"", -1.0, None),
+        (10, "ten@x.io", None, 10.0, None),
+        ("forgotten", "gone@x.io", None, None, None),
+    ]
+    db.executemany("INSERT INTO tricky VALUES (?, ?, ?, ?, ?)", rows)
+    db.commit()
+    db.close()
+    return create_engine(f"sqlite:///{path}")
+
+
+def test_first_plan_writes_members_once_exactly_as_the_snapshot_holds_them(
+    state_url: str, tmp_path: Path
+) -> None:
+    """Issue 15: a first plan streams its members straight into the outbox (the
+    snapshot is not written), and those rows are exactly the ones the next
+    plan's snapshot holds for the same data — ids, values, contacts, skips."""
+    state, source = open_state(state_url), _tricky_source(tmp_path / "tricky.db")
+    with state.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO suppressions (user_id, suppressed_at) VALUES ('forgotten', '2024-01-01')"
+        )
+    first = plan(state, source, TRICKY)
+    assert first.mode == "initial"
+    assert query(state_url, "SELECT COUNT(*) AS n FROM snapshot")[0]["n"] == 0
+    queued = {
+        (r["user_id"], r["value"], r["contact"])
+        for r in query(state_url, "SELECT user_id, value, contact FROM outbox")
+    }
+    assert {u for u, _, _ in queued} == {"42", "42-1", "abc", "7.5", "ünï", "10"}
+    assert first.members == first.queued == first.entered == 6
+    assert first.stats.skipped_ids == 3 and first.stats.invalid_ids == 2
+    assert first.stats.duplicate_ids == 2
+    contact = json.loads(next(c for u, _, c in queued if u == "42"))
+    assert contact["email"] == "a@x.io" and contact["plan"] == "pro"
+
+    # The second plan loads the snapshot from the same rows: it must hold the same.
+    plan(state, source, TRICKY)
+    snapshot = {
+        (r["user_id"], r["value"], r["contact"])
+        for r in query(state_url, "SELECT user_id, value, contact FROM snapshot")
+    }
+    assert snapshot == queued
+    assert query(state_url, "SELECT DISTINCT run_id, version, priority, state FROM outbox") == [
+        {"run_id": 1, "version": 1, "priority": 1, "state": "pending"}
+    ]
+
+
+def test_dry_run_of_a_first_sync_counts_without_queueing(
+    state_url: str, warehouse: Warehouse
+) -> None:
+    """Issue 15: the dry run of a first sync loads the snapshot and counts; the
+    calls it reports are the users already pending plus its members, each once."""
+    from audsync.plan import dry_run_calls
+
+    state, source = open_state(state_url), create_engine(warehouse.url)
+    for i in range(1, 7):
+        warehouse.add(i, vip=i <= 4, buyer=i >= 3)
+    buyers = Definition(
+        "audience", "Buyers", "buyers", "SELECT id AS user_id FROM people WHERE buyer = 1"
+    )
+    plan(state, source, buyers)  # 3..6 pending, never acknowledged
+    with state.connect() as conn:
+        tx = conn.begin()
+        result = plan_definition(conn, source, VIP, run_id=-1, dry_run=True)
+        assert result.counted_only and result.members == result.entered == 4
+        assert conn.exec_driver_sql(
+            "SELECT COUNT(*) FROM outbox WHERE audience_key = 'vip'"
+        ).scalar_one() == 0
+        assert dry_run_calls(conn, ["vip"]) == 6  # 1..6: 3 and 4 are in both
+        assert dry_run_calls(conn, []) == 4
+        tx.rollback()
