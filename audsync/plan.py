@@ -410,14 +410,26 @@ def dry_run_calls(conn: Connection, counted_only: Iterable[str]) -> int:
     """
     keys = sorted(set(counted_only))
     o = models.outbox.c
-    pending = select(o.user_id).where(o.state == "pending", o.priority != PRIORITY_RETRY)
     s = models.snapshot.c
-    users = (
-        pending.union(select(s.user_id).where(s.audience_key.in_(keys)))
-        if keys
-        else pending.distinct()
-    )
-    return int(conn.execute(select(func.count()).select_from(users.subquery())).scalar_one())
+    pending = select(o.user_id).where(o.state == "pending", o.priority != PRIORITY_RETRY)
+    calls = conn.execute(
+        select(func.count()).select_from(pending.distinct().subquery())
+    ).scalar_one()
+    if len(keys) == 1:
+        # One audience counted (the usual first sync): its members without a
+        # pending change, by index probes — a UNION would sort every member.
+        waiting = (
+            select(o.user_id)
+            .where(o.user_id == s.user_id, o.state == "pending", o.priority != PRIORITY_RETRY)
+            .exists()
+        )
+        calls += conn.execute(
+            select(func.count()).where(s.audience_key == keys[0], ~waiting)
+        ).scalar_one()
+    elif keys:
+        users = pending.union(select(s.user_id).where(s.audience_key.in_(keys)))
+        calls = conn.execute(select(func.count()).select_from(users.subquery())).scalar_one()
+    return int(calls)
 
 
 def drop_forgotten(conn: Connection, key: str) -> None:

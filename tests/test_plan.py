@@ -290,8 +290,8 @@ def test_dry_run_of_a_first_sync_counts_without_queueing(
     from audsync.plan import dry_run_calls
 
     state, source = open_state(state_url), create_engine(warehouse.url)
-    for i in range(1, 7):
-        warehouse.add(i, vip=i <= 4, buyer=i >= 3)
+    for i in range(1, 8):
+        warehouse.add(i, vip=i <= 4, buyer=3 <= i <= 6)
     buyers = Definition(
         "audience", "Buyers", "buyers", "SELECT id AS user_id FROM people WHERE buyer = 1"
     )
@@ -305,4 +305,9 @@ def test_dry_run_of_a_first_sync_counts_without_queueing(
         ).scalar_one() == 0
         assert dry_run_calls(conn, ["vip"]) == 6  # 1..6: 3 and 4 are in both
         assert dry_run_calls(conn, []) == 4
+        late = Definition(
+            "audience", "Late", "late", "SELECT id AS user_id FROM people WHERE id >= 5"
+        )
+        assert plan_definition(conn, source, late, run_id=-2, dry_run=True).counted_only
+        assert dry_run_calls(conn, ["vip", "late"]) == 7  # 1..4, 3..6, 5..7
         tx.rollback()
