@@ -225,6 +225,10 @@ def bench(
             )
             out.append(("first plan", b, a, members))
             acknowledge_all(state)
+            # A steady-state incremental plan replaces the previous plan's snapshot
+            # (a first plan writes none): plan once, untimed, before the churn.
+            plan_once(state, source)
+            reset(state, "outbox")
             churn(warehouse, members, ratio)
             changes = 2 * (members // round(1 / ratio))
             b, a = best_of(
