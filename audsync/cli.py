@@ -43,6 +43,7 @@ from audsync.progress import PROGRESS_CHOICES, make_progress
 from audsync.report import duration, jsonable, table
 
 if TYPE_CHECKING:
+    from audsync.plan import PlanResult
     from audsync.sync import SyncOutcome
 
 log = logging.getLogger("audsync")
@@ -367,9 +368,26 @@ def cmd_sync(args: argparse.Namespace) -> int:
             f"{duration(outcome.dry_run_seconds)} at {config.gleap.rate_limit} calls per "
             f"{duration(config.gleap.rate_window)}"
         )
-        return EXIT_FAILED if outcome.errors else EXIT_OK
+        held = _report_held(outcome.plans)
+        return EXIT_FAILED if outcome.errors or held else EXIT_OK
     code = _print_runs(config, outcome, wait=args.wait)
     return _interrupted(stopping) or code
+
+
+def _report_held(plans: Sequence[PlanResult]) -> int:
+    """One error line per plan the circuit breaker would hold; returns how many.
+
+    A dry run or ``check`` that finds one exits 1: following it with ``sync``
+    would queue nothing for that audience and fail.
+    """
+    held = [p for p in plans if p.held]
+    for plan in held:
+        why = (plan.held or "").replace("sync KEY", f"sync {plan.key}")
+        _error(
+            f"{plan.kind_label} {plan.key}: the next sync would be held by the circuit breaker:"
+            f" {why}"
+        )
+    return len(held)
 
 
 def _print_runs(config: Config, outcome: SyncOutcome, *, wait: bool) -> int:
@@ -586,6 +604,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     plan = run_sync(config, dry_run=True)
     rate = f"{config.gleap.rate_limit} calls per {duration(config.gleap.rate_window)}"
     for result in plan.plans:
+        if result.held:
+            continue  # said below, as an error
         alone = result.queued * config.gleap.rate_window / config.gleap.rate_limit
         print(
             f"{result.kind_label} {result.key}: the next sync would make {result.queued:,}"
@@ -595,7 +615,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         f"next sync: {plan.dry_run_calls:,} Identify calls in all (one per changed user),"
         f" about {duration(plan.dry_run_seconds)} at {rate}"
     )
-    return EXIT_OK
+    for message in plan.errors:
+        _error(message)
+    held = _report_held(plan.plans)
+    return EXIT_FAILED if held or plan.errors else EXIT_OK
 
 
 def cmd_db(args: argparse.Namespace) -> int:
