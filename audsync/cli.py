@@ -546,13 +546,18 @@ def cmd_status(args: argparse.Namespace) -> int:
             )
         )
     for daemon in info["daemons"]:
+        why = {
+            "exited": "not running: its process has exited without stopping",
+            "stale": "not running, or cut off: no heartbeat since",
+        }.get(daemon["state"])
         print(
-            f"daemon: {daemon['host']} pid {daemon['pid']} ({daemon['state']}), "
-            f"last beat {daemon['beat_at']:%Y-%m-%d %H:%M:%S} UTC"
+            f"daemon: {daemon['host']} pid {daemon['pid']} "
+            + (f"({daemon['state']}), last beat" if why is None else f"({why})")
+            + f" {daemon['beat_at']:%Y-%m-%d %H:%M:%S} UTC"
         )
     if info["next_run_at"] is not None:
         print(f"next scheduled plan: {info['next_run_at']:%Y-%m-%d %H:%M:%S} UTC")
-    elif not info["daemons"]:
+    elif not any(d["alive"] for d in info["daemons"]):
         print("next scheduled plan: none (no daemon is running; start one with `audsync run`)")
     lease = info["delivery_lease"]
     print(

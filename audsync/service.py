@@ -62,6 +62,7 @@ from audsync.prune import prune_and_log
 from audsync.signals import relay_signals
 from audsync.source import open_source
 from audsync.state import open_configured
+from audsync.status import DAEMON_BEAT_INTERVAL
 from audsync.sync import (
     SyncOutcome,
     deliver_or_hand_over,
@@ -193,7 +194,9 @@ class Daemon:
             coalesce=True,  # missed ticks collapse into one run
             misfire_grace_time=None,
         )
-        self.scheduler.add_job(self._beat_job, "interval", seconds=15, id="health", coalesce=True)
+        self.scheduler.add_job(
+            self._beat_job, "interval", seconds=DAEMON_BEAT_INTERVAL, id="health", coalesce=True
+        )
 
     def stop(self) -> None:
         """Ask for a warm shutdown (what the first SIGTERM does)."""
@@ -373,6 +376,10 @@ class Daemon:
 
     # -- health -----------------------------------------------------------------------
 
+    def mark_stopped(self) -> None:
+        """Record this daemon as stopped (``status`` then no longer lists it)."""
+        self._beat("stopped", None)
+
     def _beat_job(self) -> None:
         job = self.scheduler.get_job("plan") if self.scheduler.running else None
         next_run = getattr(job, "next_run_time", None)
@@ -449,8 +456,12 @@ def run_daemon(
             metrics.serve(metrics_port, metrics_addr)
         if once:
             daemon.stopping.clear()
-            outcome = daemon.plan("startup")
-            deliver_or_hand_over(config, daemon.state, daemon.client, outcome, echo=log.info)
+            try:
+                outcome = daemon.plan("startup")
+                deliver_or_hand_over(config, daemon.state, daemon.client, outcome, echo=log.info)
+            finally:
+                # plan() recorded us as running: an exited process must not look alive.
+                daemon.mark_stopped()
             return 1 if outcome.failed or (outcome.delivery and outcome.delivery.error) else 0
         return daemon.run()
     finally:

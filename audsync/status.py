@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import socket
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Engine, func, select
@@ -11,10 +13,41 @@ from audsync import models
 from audsync.clock import utcnow
 from audsync.config import Config
 from audsync.deliver import pending_user_count
-from audsync.locks import DELIVER_LEASE, current_holder
+from audsync.locks import DELIVER_LEASE, current_holder, pid_alive
 
-DAEMON_STALE_AFTER = 120.0
-"""A daemon that has not beaten for two minutes (it beats every 15 s) is gone."""
+DAEMON_BEAT_INTERVAL = 15.0
+"""Seconds between two health records of a running daemon (``audsync run``)."""
+
+DAEMON_FORGOTTEN_AFTER = dt.timedelta(days=1)
+"""Records of daemons gone for longer are not shown (the daemon deletes them)."""
+
+
+def daemon_liveness(
+    recorded: str,
+    host: str,
+    pid: int | None,
+    beat_age: float,
+    *,
+    this_host: str,
+    alive: Callable[[int], bool],
+    stale_after: float,
+) -> str:
+    """What a daemon record means now: its recorded state while its process lives,
+    else ``exited`` (its pid is gone from this host) or ``stale`` (no heartbeat for
+    ``stale_after`` seconds: it died, or its host is cut off). ``stopped`` stays."""
+    if recorded == "stopped":
+        return "stopped"
+    if host == this_host and pid is not None and not alive(pid):
+        return "exited"
+    if beat_age > stale_after:
+        return "stale"
+    return recorded
+
+
+def daemon_stale_after(lease_ttl: float) -> float:
+    """Heartbeat age past which a daemon is taken for gone: the lease TTL (after which
+    its leases are free anyway), but never less than three missed beats."""
+    return max(lease_ttl, 3 * DAEMON_BEAT_INTERVAL)
 
 
 def eta_seconds(calls: int, rate_limit: int, rate_window: float) -> float:
@@ -75,17 +108,35 @@ def collect_status(engine: Engine, config: Config) -> dict[str, Any]:
             }
         )
     holder = current_holder(engine, DELIVER_LEASE)
-    fresh = utcnow() - dt.timedelta(seconds=DAEMON_STALE_AFTER)
+    now = utcnow()
     with engine.connect() as conn:
         daemons = [
             dict(row._mapping)
             for row in conn.execute(
                 select(models.daemons)
-                .where(models.daemons.c.beat_at >= fresh, models.daemons.c.state != "stopped")
+                .where(
+                    models.daemons.c.beat_at >= now - DAEMON_FORGOTTEN_AFTER,
+                    models.daemons.c.state != "stopped",
+                )
                 .order_by(models.daemons.c.started_at)
             )
         ]
-    next_runs = [d["next_run_at"] for d in daemons if d["next_run_at"] is not None]
+    stale_after = daemon_stale_after(config.sync.lease_ttl)
+    for daemon in daemons:
+        daemon["recorded_state"] = daemon["state"]
+        daemon["state"] = daemon_liveness(
+            daemon["state"],
+            daemon["host"],
+            daemon["pid"],
+            (now - daemon["beat_at"]).total_seconds(),
+            this_host=socket.gethostname(),
+            alive=pid_alive,
+            stale_after=stale_after,
+        )
+        daemon["alive"] = daemon["state"] in ("running", "stopping")
+    next_runs = [
+        d["next_run_at"] for d in daemons if d["alive"] and d["next_run_at"] is not None
+    ]
     for audience in audiences:
         audience["eta_seconds"] = eta_seconds(
             int(audience["pending"] or 0), config.gleap.rate_limit, config.gleap.rate_window

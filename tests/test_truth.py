@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from conftest import TOKEN, Warehouse
-from helpers import assert_counts_add_up, query, run_cli
+from helpers import query, run_cli
 
 from audsync.sandbox import Sandbox
 
@@ -77,3 +77,114 @@ def test_check_of_a_held_plan_exits_1_and_says_why(
         " run `audsync sync vip --force` if that is right"
     ) in err
     assert len(err.strip().splitlines()) == 1
+
+
+# -- 9. an exited daemon is never shown as running -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("recorded", "host", "pid_alive", "age", "shown"),
+    [
+        ("running", "here", True, 5.0, "running"),
+        ("stopping", "here", True, 5.0, "stopping"),
+        ("running", "here", False, 5.0, "exited"),  # SIGKILL, OOM: the pid is gone
+        ("running", "there", False, 5.0, "running"),  # another host's pid means nothing here
+        ("running", "there", True, 61.0, "stale"),  # no heartbeat past the lease TTL
+        ("running", "here", True, 61.0, "stale"),
+        ("running", "there", True, 60.0, "running"),
+        ("stopped", "here", True, 1.0, "stopped"),
+    ],
+)
+def test_daemon_liveness(recorded: str, host: str, pid_alive: bool, age: float, shown: str) -> None:
+    from audsync.status import daemon_liveness
+
+    assert (
+        daemon_liveness(
+            recorded,
+            host,
+            4242,
+            age,
+            this_host="here",
+            alive=lambda pid: pid_alive,
+            stale_after=60.0,
+        )
+        == shown
+    )
+
+
+def test_stale_after_is_the_lease_ttl_but_never_under_three_beats() -> None:
+    from audsync.status import DAEMON_BEAT_INTERVAL, daemon_stale_after
+
+    assert daemon_stale_after(60.0) == 60.0
+    assert daemon_stale_after(300.0) == 300.0
+    assert daemon_stale_after(1.0) == 3 * DAEMON_BEAT_INTERVAL
+
+
+def _status(capsys: Any, path: Path) -> tuple[dict[str, Any], str]:
+    import json
+
+    code, out, err = run_cli(capsys, "-c", str(path), "status", "--json")
+    assert code == 0, err
+    info = json.loads(out)
+    code, text, err = run_cli(capsys, "-c", str(path), "status")
+    assert code == 0, err
+    return info, text
+
+
+def test_run_once_marks_its_daemon_record_stopped(
+    make_config: Any,
+    warehouse: Warehouse,
+    gleap: Sandbox,
+    state_url: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for i in range(1, 6):
+        warehouse.add(i, vip=True)
+    path, _ = make_config(body=VIP)
+    code, _, err = run_cli(capsys, "-c", str(path), "run", "--once")
+    assert code == 0, err
+    # This very process ran it and is alive: only the record can tell it stopped.
+    records = query(state_url, "SELECT state, pid FROM daemons")
+    assert records == [{"state": "stopped", "pid": os.getpid()}]
+    info, text = _status(capsys, path)
+    assert info["daemons"] == []
+    assert "no daemon is running" in text
+
+
+def test_status_shows_a_killed_daemon_as_exited_not_running(
+    make_config: Any,
+    warehouse: Warehouse,
+    gleap: Sandbox,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    from conftest import wait_for
+
+    for i in range(1, 6):
+        warehouse.add(i, vip=True)
+    path, _ = make_config(body=VIP)
+    assert run_cli(capsys, "-c", str(path), "db", "upgrade")[0] == 0
+    env = {**os.environ, "AUDSYNC_GLEAP_API_TOKEN": TOKEN}
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "audsync.cli", "-c", str(path), "run"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    try:
+        running = wait_for(
+            lambda: [d for d in _status(capsys, path)[0]["daemons"] if d["alive"]],
+            what="the daemon's health record",
+        )
+        assert running[0]["pid"] == daemon.pid and running[0]["state"] == "running"
+        assert running[0]["host"] == socket.gethostname()
+    finally:
+        daemon.kill()  # no clean stop: the record still says running
+        daemon.wait(20)
+    info, text = _status(capsys, path)
+    [record] = info["daemons"]
+    assert record["recorded_state"] == "running"
+    assert record["state"] == "exited" and record["alive"] is False
+    assert info["next_run_at"] is None
+    assert f"pid {daemon.pid} (not running: its process has exited without stopping)" in text
+    assert "no daemon is running" in text
