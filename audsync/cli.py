@@ -92,6 +92,11 @@ def _env_default(name: str, fallback: Any = None) -> Any:
     return os.environ.get(name, fallback)
 
 
+def _env_flag(name: str) -> bool:
+    """A yes/no option from the environment: 1, true, yes or on (any case) mean yes."""
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def _one_of(
     variable: str, choices: Sequence[str], normalise: Callable[[str], str] = str
 ) -> Callable[[str], str]:
@@ -176,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     forget.add_argument("--list", action="store_true", help="show the suppressed user ids")
     forget.add_argument("--undo", action="store_true", help="lift the suppression of USER_IDs")
     forget.add_argument("--json", action="store_true", help="with --list: JSON output")
+    forget.add_argument(
+        "--yes",
+        action="store_true",
+        default=_env_flag("AUDSYNC_FORGET_YES"),
+        help="do not ask for confirmation on a terminal (env AUDSYNC_FORGET_YES=1)",
+    )
 
     history = sub.add_parser("history", help="past runs from the state DB")
     history.add_argument("--audience", metavar="KEY")
@@ -460,6 +471,9 @@ def cmd_forget(args: argparse.Namespace) -> int:
                 + ("no longer suppressed" if user_id in lifted else "was not suppressed")
             )
         return EXIT_OK
+    if not args.yes and not _confirm_forget(args.user_ids):
+        _error("not confirmed: nothing was suppressed or deleted")
+        return EXIT_FAILED
     with make_client(config) as client:
         client.check_token()
         report = forget(
@@ -471,9 +485,38 @@ def cmd_forget(args: argparse.Namespace) -> int:
         )
     for user_id in report.deleted:
         print(f"{user_id}: deleted in Gleap and suppressed")
+    for user_id in report.not_found:
+        print(f"{user_id}: not found in Gleap (nothing to delete); suppressed")
     for user_id, why in report.failed.items():
         _error(f"{user_id}: suppressed, but not deleted in Gleap ({why}); run forget again")
     return EXIT_FAILED if report.failed else EXIT_OK
+
+
+def _confirm_forget(user_ids: Sequence[str]) -> bool:
+    """Ask on a terminal before deleting contacts; anywhere else (cron, a pipe, a
+    script) there is nobody to ask, and the command goes ahead as it always has."""
+    try:
+        interactive = sys.stdin.isatty()
+    except (AttributeError, ValueError):  # no stdin, or a closed one
+        interactive = False
+    if not interactive:
+        return True
+    user_ids = list(dict.fromkeys(user_ids))
+    shown = ", ".join(user_ids[:10])
+    if len(user_ids) > 10:
+        shown += f" and {len(user_ids) - 10} more"
+    print(
+        f"Delete {len(user_ids)} contact{'s' if len(user_ids) != 1 else ''} in Gleap ({shown})"
+        " and keep them out of every later sync? Gleap cannot undo a delete. [y/N] ",
+        end="",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        answer = sys.stdin.readline()
+    except (OSError, ValueError):
+        return False
+    return answer.strip().lower() in ("y", "yes")
 
 
 def cmd_history(args: argparse.Namespace) -> int:

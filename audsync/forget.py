@@ -88,6 +88,8 @@ class ForgetReport:
 
     run_id: int
     deleted: list[str] = field(default_factory=list)
+    not_found: list[str] = field(default_factory=list)
+    """Gleap had no such contact (the DELETE answered 404): suppressed and wiped all the same."""
     failed: dict[str, str] = field(default_factory=dict)
 
 
@@ -137,7 +139,7 @@ def forget(
             _mark(engine, user_id, error=str(exc))
             continue
         if outcome.ok:
-            report.deleted.append(user_id)
+            (report.not_found if outcome.status == 404 else report.deleted).append(user_id)
             _mark(engine, user_id, error=None)
         else:
             why = outcome.reason or f"HTTP {outcome.status}"
@@ -242,7 +244,7 @@ def _finish(engine: Engine, report: ForgetReport, error: str | None = None) -> N
     failed = len(report.failed)
     status = (
         "failed"
-        if error or (failed and not report.deleted)
+        if error or (failed and not (report.deleted or report.not_found))
         else ("partial" if failed else "succeeded")
     )
     reason = error or (
@@ -253,6 +255,8 @@ def _finish(engine: Engine, report: ForgetReport, error: str | None = None) -> N
         report.run_id,
         status=status,
         delivered=len(report.deleted),
+        # Nothing to delete: settled, but not a delete Gleap acknowledged.
+        superseded=len(report.not_found),
         failed=failed,
         error=reason,
     )

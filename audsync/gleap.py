@@ -353,7 +353,8 @@ class GleapClient:
         return self._send("track", "POST", TRACK_PATH, body, stop=stop)
 
     def delete_contact(self, user_id: str) -> CallOutcome:
-        """DELETE one contact; a 404 (already gone) counts as done."""
+        """DELETE one contact; a 404 (Gleap has no such contact) counts as done, with
+        ``status`` 404 so the caller can tell "not found" from "deleted"."""
         outcome = self._send(
             "delete_contact", "DELETE", CONTACTS_PATH + quote(user_id, safe=""), None, paced=False
         )

@@ -240,7 +240,9 @@ class Sandbox:
         if method == "DELETE" and path.startswith("/admin/contacts/"):
             user_id = unquote(path[len("/admin/contacts/") :])
             with self._lock:
-                self._db.execute("DELETE FROM contacts WHERE user_id = ?", (user_id,))
+                gone = self._db.execute("DELETE FROM contacts WHERE user_id = ?", (user_id,))
+                if gone.rowcount == 0:
+                    return 404, {}, {"error": "contact not found"}
                 self.stats.deleted += 1
             return 200, {}, {"deleted": user_id}
         if method == "POST" and path in ("/admin/identify", "/admin/track"):

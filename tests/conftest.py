@@ -228,6 +228,7 @@ class Process:
         env = {**os.environ, "AUDSYNC_GLEAP_API_TOKEN": TOKEN}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "audsync.cli", *argv],
+            stdin=subprocess.DEVNULL,  # never a terminal: nothing may wait for an answer
             stdout=self.log.open("w"),
             stderr=subprocess.STDOUT,
             env=env,
