@@ -43,6 +43,7 @@ from audsync.progress import PROGRESS_CHOICES, make_progress
 from audsync.report import duration, jsonable, table
 
 if TYPE_CHECKING:
+    from audsync.deliver import DeliveryReport
     from audsync.plan import PlanResult
     from audsync.sync import SyncOutcome
 
@@ -385,6 +386,26 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return _interrupted(stopping) or code
 
 
+def delivery_lines(report: DeliveryReport) -> list[str]:
+    """What a delivery did, in lines: acknowledged Identify calls first, then Track
+    calls, failed attempts and 429s each on their own (only when there were any)."""
+    lines = [
+        f"{report.identify_calls:,} Identify calls; {report.delivered:,} changes delivered, "
+        f"{report.failed:,} failed"
+    ]
+    if report.track_calls or report.track_failed:
+        lines.append(f"{report.track_calls:,} Track calls ({report.events:,} events)")
+    failed = report.identify_failed + report.track_failed
+    if failed:
+        lines.append(
+            f"{failed:,} attempts failed ({report.identify_failed:,} Identify,"
+            f" {report.track_failed:,} Track): server or network errors and rejections"
+        )
+    if report.throttled:
+        lines.append(f"{report.throttled:,} answers of 429: waited, never a failure")
+    return lines
+
+
 def _report_held(plans: Sequence[PlanResult]) -> int:
     """One error line per plan the circuit breaker would hold; returns how many.
 
@@ -421,10 +442,8 @@ def _print_runs(config: Config, outcome: SyncOutcome, *, wait: bool) -> int:
         print(f"changes are queued; the daemon ({outcome.handed_over_to}) is delivering them")
     report = outcome.delivery
     if report is not None:
-        print(
-            f"{report.calls:,} Identify calls; {report.delivered:,} changes delivered, "
-            f"{report.failed:,} failed"
-        )
+        for line in delivery_lines(report):
+            print(line)
         if report.error is not None:
             _error(str(report.error))
     return EXIT_FAILED if outcome.failed else EXIT_OK

@@ -114,11 +114,25 @@ class CallResult:
     attempts: int = 0
 
 
+FAILED_OUTCOMES = ("rejected", "auth_failed", "server_error", "network_error")
+"""Attempts that were not acknowledged and were not a 429 (a wait, never a failure)."""
+
+
 @dataclass
 class DeliveryReport:
-    """What one drain of the outbox did."""
+    """What one drain of the outbox did.
 
-    calls: int = 0  # HTTP requests made, retries included
+    The call counts come from the client's own count of HTTP attempts during the
+    drain, so they equal what Gleap answered: ``identify_calls`` only the Identify
+    calls Gleap acknowledged (2xx), Track calls and failed attempts on their own.
+    """
+
+    calls: int = 0  # HTTP requests made (Identify and Track), retries and failures included
+    identify_calls: int = 0  # Identify calls Gleap acknowledged
+    identify_failed: int = 0  # Identify attempts that failed (rejected, 5xx, network, auth)
+    track_calls: int = 0  # Track calls Gleap acknowledged
+    track_failed: int = 0  # Track attempts that failed
+    throttled: int = 0  # answers of 429 (waits, not failures)
     skipped: int = 0  # users left queued because their call failed every retry
     events: int = 0  # Track events Gleap accepted
     event_keys_dropped: int = 0  # event data keys beyond Gleap's ten
@@ -268,6 +282,7 @@ def deliver(
     for the next run.
     """
     report = DeliveryReport()
+    attempts_before = client.attempts()
     halt = threading.Event()
     # Users whose call outlasted every retry: left queued for the next drain,
     # while the rest go on. Only a streak of such failures means Gleap is down.
@@ -338,7 +353,6 @@ def deliver(
                 halt.set()
                 return
             report.events += batch.sent
-            report.calls += batch.calls
             report.event_keys_dropped += batch.dropped_keys
             events_waiting = pending_events(engine)
 
@@ -511,7 +525,6 @@ def deliver(
                 streak = 0
                 report.users += 1
                 since_finalize += 1
-                report.calls += sum(r.attempts for r in results)
             if len(acks) >= ACK_BATCH or time.monotonic() - last_ack >= ACK_INTERVAL:
                 flush_acks()
             if events_waiting >= MAX_EVENTS_PER_CALL:
@@ -541,11 +554,34 @@ def deliver(
             f"{len(skipped)} users stay queued after every retry failed (last: {last_unavailable})"
         )
     report.skipped = len(skipped)
+    _count_calls(report, attempts_before, client.attempts())
     if report.error is not None:
         report.stopped = str(report.error)
     elif stop():
         report.stopped = "shutdown requested"
     return report
+
+
+def _count_calls(
+    report: DeliveryReport,
+    before: dict[tuple[str, str], int],
+    after: dict[tuple[str, str], int],
+) -> None:
+    """Fill the report's call counts from the attempts made between ``before`` and ``after``."""
+
+    def made(endpoint: str, *outcomes: str) -> int:
+        return sum(
+            n - before.get((e, o), 0)
+            for (e, o), n in after.items()
+            if e == endpoint and (not outcomes or o in outcomes)
+        )
+
+    report.calls = made("identify") + made("track")
+    report.identify_calls = made("identify", "ok")
+    report.identify_failed = made("identify", *FAILED_OUTCOMES)
+    report.track_calls = made("track", "ok")
+    report.track_failed = made("track", *FAILED_OUTCOMES)
+    report.throttled = made("identify", "throttled") + made("track", "throttled")
 
 
 def _acknowledge(

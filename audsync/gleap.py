@@ -11,6 +11,7 @@ Pass ``transport=`` (any httpx transport) to test without a network.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import email.utils
 import json
@@ -204,6 +205,8 @@ class ClientStats:
     retries: int = 0
     server_errors: int = 0
     network_errors: int = 0
+    attempts: dict[tuple[str, str], int] = dataclasses.field(default_factory=dict)
+    """HTTP attempts by (endpoint, outcome): what summaries count calls from."""
 
 
 _STATS_FIELD: dict[str, str] = {
@@ -305,6 +308,7 @@ class GleapClient:
         self.max_retries = max_retries
         self.pacer = pacer or Pacer(rate_limit, rate_window)
         self.stats = ClientStats()
+        self._stats_lock = threading.Lock()
         self._sleep = sleep
         self._http = httpx.Client(
             base_url=base_url.rstrip("/"),
@@ -313,6 +317,11 @@ class GleapClient:
             transport=transport,
             limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
         )
+
+    def attempts(self) -> dict[tuple[str, str], int]:
+        """A copy of the attempts so far by (endpoint, outcome), taken consistently."""
+        with self._stats_lock:
+            return dict(self.stats.attempts)
 
     def close(self) -> None:
         """Close the connection pool."""
@@ -363,10 +372,15 @@ class GleapClient:
         return outcome
 
     def _record(self, endpoint: str, outcome: Outcome) -> None:
-        self.stats.calls += 1
-        field = _STATS_FIELD.get(outcome)
-        if field is not None:
-            setattr(self.stats, field, getattr(self.stats, field) + 1)
+        # Sender threads record at once: without the lock an increment can be lost,
+        # and the summary's counts must equal what Gleap saw.
+        with self._stats_lock:
+            self.stats.calls += 1
+            name = _STATS_FIELD.get(outcome)
+            if name is not None:
+                setattr(self.stats, name, getattr(self.stats, name) + 1)
+            key = (endpoint, outcome)
+            self.stats.attempts[key] = self.stats.attempts.get(key, 0) + 1
         if self.observer is not None:
             self.observer.call(endpoint, outcome)
 

@@ -51,6 +51,17 @@ class SandboxStats:
     deleted: int = 0
     missing_prevent_flag: int = 0
     by_status: dict[int, int] = field(default_factory=dict)
+    answered: dict[tuple[str, int], int] = field(default_factory=dict)
+    """Answers by (route, status), route ``identify``, ``track``, ``delete`` or ``auth``:
+    counted before the answer is sent, so a client that has its answer is counted."""
+
+    def count(self, route: str, ok: bool | None = None) -> int:
+        """Answers on ``route``: all, only 2xx (``ok``) or only the others (not ``ok``)."""
+        return sum(
+            n
+            for (r, status), n in list(self.answered.items())
+            if r == route and (ok is None or (200 <= status < 300) == ok)
+        )
 
 
 class Sandbox:
@@ -218,6 +229,17 @@ class Sandbox:
         self, method: str, raw_path: str, headers: dict[str, str], body: bytes
     ) -> tuple[int, dict[str, str], Any]:
         """Answer one request: (status, extra headers, JSON body)."""
+        answer = self._answer(method, raw_path, headers, body)
+        route = _route(method, urlsplit(raw_path).path)
+        if route is not None:
+            with self._lock:
+                key = (route, answer[0])
+                self.stats.answered[key] = self.stats.answered.get(key, 0) + 1
+        return answer
+
+    def _answer(
+        self, method: str, raw_path: str, headers: dict[str, str], body: bytes
+    ) -> tuple[int, dict[str, str], Any]:
         parts = urlsplit(raw_path)
         path = parts.path
         query = parse_qs(parts.query)
@@ -351,6 +373,18 @@ class Sandbox:
                     json.dumps(headers or {}),
                 ),
             )
+
+
+def _route(method: str, path: str) -> str | None:
+    if path == "/admin/identify" and method == "POST":
+        return "identify"
+    if path == "/admin/track" and method == "POST":
+        return "track"
+    if path.startswith("/admin/contacts/") and method == "DELETE":
+        return "delete"
+    if path == "/admin/auth":
+        return "auth"
+    return None
 
 
 def _is_number(value: Any) -> bool:

@@ -349,12 +349,15 @@ class Daemon:
                 log.warning("state DB error while delivering, retrying: %s", describe(exc))
                 self.stopping.wait(IDLE_POLL)
                 continue
-            if report.delivered or report.failed:
+            if report.delivered or report.failed or report.identify_failed:
                 log.info(
-                    "delivered %d changes in %d calls, %d failed",
+                    "delivered %d changes in %d Identify calls, %d failed"
+                    " (%d Track calls; %d attempts failed)",
                     report.delivered,
-                    report.calls,
+                    report.identify_calls,
                     report.failed,
+                    report.track_calls,
+                    report.identify_failed + report.track_failed,
                 )
             if report.error is not None:
                 if beat.lost.is_set() or isinstance(report.error, LeaseLost):

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from conftest import TOKEN, Warehouse
-from helpers import query, run_cli
+from helpers import assert_counts_add_up, query, run_cli
 
 from audsync.sandbox import Sandbox
 
@@ -188,3 +188,81 @@ def test_status_shows_a_killed_daemon_as_exited_not_running(
     assert info["next_run_at"] is None
     assert f"pid {daemon.pid} (not running: its process has exited without stopping)" in text
     assert "no daemon is running" in text
+
+
+# -- 7. "N Identify calls" are the Identify calls Gleap acknowledged --------------------
+
+
+def _summary(out: str) -> list[str]:
+    """The delivery lines a sync prints after its table."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if " Identify calls; " in line)
+    return lines[start:]
+
+
+def test_identify_calls_count_acknowledged_calls_with_failures_on_their_own(
+    make_config: Any,
+    warehouse: Warehouse,
+    gleap: Sandbox,
+    state_url: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for i in range(1, 151):
+        warehouse.add(i, vip=True)
+    gleap.fail_ratio = 0.3  # 500/502/503 on about a third of the attempts
+    # Enough retries that no user runs out of them (0.3 ** 9 per user).
+    path, _ = make_config(body=VIP, max_retries=8)
+    code, out, err = run_cli(capsys, "-c", str(path), "--log-level", "WARNING", "sync")
+    assert code == 0, err
+    failed = gleap.stats.count("identify", ok=False)
+    assert failed > 0 and gleap.stats.count("identify", ok=True) == 150
+    assert _summary(out) == [
+        "150 Identify calls; 150 changes delivered, 0 failed",
+        f"{failed} attempts failed ({failed} Identify, 0 Track):"
+        " server or network errors and rejections",
+    ]
+    assert_counts_add_up(state_url)
+
+
+def test_track_calls_are_reported_apart_from_identify_calls(
+    make_config: Any,
+    warehouse: Warehouse,
+    gleap: Sandbox,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for i in range(1, 151):
+        warehouse.add(i, vip=True)
+    body = VIP.replace('name = "VIP"\n', 'name = "VIP"\nevents = true\n')
+    path, _ = make_config(body=body)
+    code, out, err = run_cli(capsys, "-c", str(path), "--log-level", "WARNING", "sync")
+    assert code == 0, err
+    assert gleap.stats.count("identify", ok=True) == 150
+    assert gleap.stats.count("track", ok=True) == 2 == gleap.stats.count("track")
+    assert len(gleap.events()) == 150
+    assert _summary(out) == [
+        "150 Identify calls; 150 changes delivered, 0 failed",
+        "2 Track calls (150 events)",
+    ]
+
+
+def test_no_identify_call_is_counted_while_gleap_is_down(
+    make_config: Any,
+    warehouse: Warehouse,
+    gleap: Sandbox,
+    state_url: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for i in range(1, 61):
+        warehouse.add(i, vip=True)
+    gleap.fault = lambda method, path, body: (503, {}, {"error": "down for maintenance"})
+    path, _ = make_config(body=VIP, max_retries=1)
+    code, out, err = run_cli(capsys, "-c", str(path), "--log-level", "WARNING", "sync")
+    assert code == 1
+    attempts = gleap.stats.count("identify")
+    assert attempts > 0 and gleap.stats.count("identify", ok=True) == 0
+    assert _summary(out) == [
+        "0 Identify calls; 0 changes delivered, 0 failed",
+        f"{attempts} attempts failed ({attempts} Identify, 0 Track):"
+        " server or network errors and rejections",
+    ]
+    assert query(state_url, "SELECT COUNT(*) AS n FROM outbox")[0]["n"] == 60  # all still queued
