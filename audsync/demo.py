@@ -6,9 +6,11 @@ import datetime as dt
 import json
 import os
 import random
+import shlex
 import sqlite3
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from audsync.sandbox import Sandbox
 
@@ -16,10 +18,16 @@ DEMO_TOKEN = "demo-token"
 DEMO_RATE_LIMIT = 60000
 """Calls per minute in the demo: Gleap allows 1000, but a demo should end in seconds."""
 
+DEMO_PORT = 8765
+"""The sandbox's port for ``demo --keep`` (``audsync sandbox``'s default), when it is free."""
+
 CONFIG = """\
 # audsync demo config: the warehouse and state DB live next to this file.
+# Its Gleap is a local sandbox; restart it with:
+#   {sandbox_command}
 [gleap]
 base_url = "{base_url}"
+api_token = "{token}"                  # the sandbox's token, not a real one
 rate_limit = {rate_limit}
 rate_window = "60s"
 
@@ -112,6 +120,18 @@ def change_warehouse(path: Path, today: dt.date, seed: int = 8) -> None:
     db.close()
 
 
+def _sandbox(contacts: Path | None) -> Sandbox:
+    """The demo's Gleap: on :data:`DEMO_PORT` with its contacts in a file when the demo
+    is kept (so the printed command brings the same one back), else anywhere in memory."""
+    common: dict[str, Any] = {"rate_limit": DEMO_RATE_LIMIT, "rate_window": 60}
+    if contacts is None:
+        return Sandbox(DEMO_TOKEN, **common)
+    try:
+        return Sandbox(DEMO_TOKEN, port=DEMO_PORT, db_path=str(contacts), **common)
+    except OSError:  # taken (a sandbox is already running there): any free port
+        return Sandbox(DEMO_TOKEN, db_path=str(contacts), **common)
+
+
 def _day(today: dt.date, days_ago: int) -> str:
     return (today - dt.timedelta(days=days_ago)).isoformat()
 
@@ -121,7 +141,8 @@ def run_demo(users: int = 3000, keep: str | None = None) -> int:
     from audsync.cli import main
 
     holder = None if keep else tempfile.TemporaryDirectory(prefix="audsync-demo-")
-    folder = Path(keep or (holder.name if holder else "."))
+    # Absolute: the config must work from any directory afterwards.
+    folder = Path(keep or (holder.name if holder else ".")).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     today = dt.date.today()
     warehouse, state, config_path = (
@@ -129,16 +150,27 @@ def run_demo(users: int = 3000, keep: str | None = None) -> int:
         folder / "audsync.db",
         folder / "audsync.toml",
     )
-    for old in (warehouse, state):
+    # A kept demo keeps Gleap's contacts in a file, so a sandbox started later
+    # with the printed command holds what this demo sent.
+    gleap_db = folder / "gleap.db" if keep else None
+    for old in (warehouse, state, *((gleap_db,) if gleap_db else ())):
         old.unlink(missing_ok=True)
     build_warehouse(warehouse, users, today)
     previous_token = os.environ.get("AUDSYNC_GLEAP_API_TOKEN")
     os.environ["AUDSYNC_GLEAP_API_TOKEN"] = DEMO_TOKEN
     try:
-        with Sandbox(DEMO_TOKEN, rate_limit=DEMO_RATE_LIMIT, rate_window=60) as gleap:
+        with _sandbox(gleap_db) as gleap:
+            port = int(gleap.url.rsplit(":", 1)[1])
+            sandbox_command = shlex.join(
+                ["audsync", "sandbox", "--port", str(port), "--token", DEMO_TOKEN]
+                + ["--rate-limit", str(DEMO_RATE_LIMIT)]
+                + (["--db", str(gleap_db)] if gleap_db else [])
+            )
             config_path.write_text(
                 CONFIG.format(
                     base_url=gleap.url,
+                    token=DEMO_TOKEN,
+                    sandbox_command=sandbox_command,
                     rate_limit=DEMO_RATE_LIMIT,
                     warehouse=warehouse,
                     state=state,
@@ -171,7 +203,17 @@ def run_demo(users: int = 3000, keep: str | None = None) -> int:
             if keep:
                 report = folder / "report.html"
                 main(["-c", str(config_path), "report", "--html", str(report)])
-                print(f"Everything is in {folder}; try: audsync -c {config_path} status")
+                config = shlex.quote(str(config_path))
+                print(f"\nEverything is in {folder}. To go on with it, start its Gleap sandbox")
+                print("(same port, token and contacts) and leave it running:")
+                print(f"  {sandbox_command}")
+                print("then, in another shell:")
+                print(f"  audsync -c {config} status")
+                print(f"  audsync -c {config} sync")
+                if previous_token is not None:
+                    print(
+                        "  (unset AUDSYNC_GLEAP_API_TOKEN first: it overrides the demo's token)"
+                    )
                 print(f"and open {report} in a browser.")
         return 0
     finally:
