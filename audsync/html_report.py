@@ -228,8 +228,11 @@ def members_chart(
 def changes_chart(
     runs: Sequence[dict[str, Any]], width: float = CHART_WIDTH, height: float = CHART_HEIGHT
 ) -> str:
-    """Entered (up, green), changed (up, amber) and exited (down, red) per run, as SVG bars."""
-    planned = planned_runs(runs)
+    """Entered (up, green), changed (up, amber) and exited (down, red) per run, as SVG bars.
+
+    A held plan changed nothing (the run that goes ahead counts those changes), so
+    it has no bar: each transition is drawn once."""
+    planned = [r for r in planned_runs(runs) if r["status"] != "held"]
     if not planned:
         return '<p class="empty">No plan has finished yet.</p>'
     top = changes_scale(planned)

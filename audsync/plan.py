@@ -257,6 +257,7 @@ def plan_definition(
         params,
     ).all()
     credit_runs(conn, "superseded", {r: int(c) for r, c in superseded if r != run_id})
+    _count_transitions(conn, result, params)
     # A pending value whose call may already have reached Gleap (the process
     # died mid-call, or the call is in flight now) cannot be withdrawn: Gleap
     # may hold it. Overwrite it with what Gleap should hold instead.
@@ -430,6 +431,36 @@ def dry_run_calls(conn: Connection, counted_only: Iterable[str]) -> int:
         users = pending.union(select(s.user_id).where(s.audience_key.in_(keys)))
         calls = conn.execute(select(func.count()).select_from(users.subquery())).scalar_one()
     return int(calls)
+
+
+def _count_transitions(conn: Connection, result: PlanResult, params: dict[str, Any]) -> None:
+    """Set ``result``'s entered/exited/changed to the transitions this run queues.
+
+    Each transition is counted once, by the run that queues it (docs/design.md,
+    "Counting transitions"). The diff against the ledger also finds changes that
+    are already in the outbox with the same value — queued by an earlier run
+    that was interrupted or is still delivering, waiting for their next attempt,
+    or parked after ``max_attempts`` rejections — and those are the earlier
+    run's: counting them again would add them up twice in the history and the
+    report. Read before the upsert below, which makes the outbox match.
+    """
+    for name in ("entered", "exited", "changed"):
+        setattr(result, name, 0)
+    rows = conn.execute(
+        text(
+            "SELECT c.kind, COUNT(*) FROM audsync_changes c LEFT JOIN outbox o"
+            " ON o.audience_key = :k AND o.user_id = c.user_id"
+            " WHERE c.kind <> 'reasserted'"
+            # What the upsert below writes as a new value: no row yet, or a
+            # different value in a row it may overwrite (a parked row keeps its
+            # value except in a full resync).
+            " AND (o.user_id IS NULL OR (o.value <> c.value AND (:full OR o.state = 'pending')))"
+            " AND " + NOT_FORGOTTEN.format("c.user_id") + " GROUP BY c.kind"
+        ),
+        params,
+    )
+    for kind, count in rows:
+        setattr(result, kind, int(count))
 
 
 def drop_forgotten(conn: Connection, key: str) -> None:

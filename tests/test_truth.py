@@ -5,6 +5,7 @@ counted by one run; a daemon that exited is never shown as running."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -256,7 +257,7 @@ def test_no_identify_call_is_counted_while_gleap_is_down(
         warehouse.add(i, vip=True)
     gleap.fault = lambda method, path, body: (503, {}, {"error": "down for maintenance"})
     path, _ = make_config(body=VIP, max_retries=1)
-    code, out, err = run_cli(capsys, "-c", str(path), "--log-level", "WARNING", "sync")
+    code, out, _err = run_cli(capsys, "-c", str(path), "--log-level", "WARNING", "sync")
     assert code == 1
     attempts = gleap.stats.count("identify")
     assert attempts > 0 and gleap.stats.count("identify", ok=True) == 0
@@ -266,3 +267,98 @@ def test_no_identify_call_is_counted_while_gleap_is_down(
         " server or network errors and rejections",
     ]
     assert query(state_url, "SELECT COUNT(*) AS n FROM outbox")[0]["n"] == 60  # all still queued
+
+
+# -- 8. each transition is counted once ---------------------------------------------------
+
+
+def _runs(state_url: str) -> list[dict[str, Any]]:
+    return query(
+        state_url,
+        "SELECT id, status, entered, exited, changed, queued, delivered, failed, superseded"
+        " FROM sync_runs ORDER BY id",
+    )
+
+
+@pytest.mark.parametrize("max_attempts", [1, 3])
+def test_a_rejected_user_is_entered_once_not_at_every_later_run(
+    make_config: Any,
+    warehouse: Warehouse,
+    gleap: Sandbox,
+    state_url: str,
+    capsys: pytest.CaptureFixture[str],
+    max_attempts: int,
+) -> None:
+    for i in range(1, 6):
+        warehouse.add(i, vip=True)
+    gleap.reject_users = {"3"}
+    path, _ = make_config(body=VIP, extra=f"[sync]\nmax_attempts = {max_attempts}\n")
+    for _ in range(3):
+        run_cli(capsys, "-c", str(path), "sync")
+    runs = _runs(state_url)
+    assert [(r["entered"], r["delivered"], r["failed"]) for r in runs] == [
+        (5, 4, 1),  # user 3 entered once, here, and Gleap rejected it
+        (0, 0, 1 if max_attempts > 1 else 0),  # its next attempt is not a new entry
+        (0, 0, 1 if max_attempts > 2 else 0),
+    ]
+    # Parked (max_attempts 1) it is not queued again; otherwise each run owns one attempt.
+    assert [r["queued"] for r in runs] == [5, int(max_attempts > 1), int(max_attempts > 2)]
+    assert sum(r["entered"] for r in runs) == 5
+    assert_counts_add_up(state_url)
+
+
+def test_changes_left_pending_by_a_stopped_run_are_counted_by_it_alone(
+    make_config: Any,
+    warehouse: Warehouse,
+    gleap: Sandbox,
+    state_url: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for i in range(1, 151):
+        warehouse.add(i, vip=True)
+
+    def down_for_some(method: str, path: str, body: Any) -> Any:
+        if path == "/admin/identify" and int(body["userId"]) > 100:
+            return 503, {}, {"error": "down"}
+        return None
+
+    gleap.fault = down_for_some
+    path, _ = make_config(body=VIP, max_retries=0)
+    assert run_cli(capsys, "-c", str(path), "sync")[0] == 1  # Gleap gave out for 50 users
+    [first] = _runs(state_url)
+    assert first["entered"] == first["queued"] == 150
+    assert first["delivered"] == gleap.stats.count("identify", ok=True) < 150
+    gleap.fault = None
+    code, out, err = run_cli(capsys, "-c", str(path), "sync")
+    assert code == 0, err
+    first, second = _runs(state_url)
+    # The resuming run sends what the first one queued: the first run counts them.
+    assert (second["entered"], second["queued"], second["delivered"]) == (0, 0, 0)
+    assert (first["entered"], first["queued"], first["delivered"]) == (150, 150, 150)
+    assert len(gleap.contacts()) == 150
+    assert "150 changes delivered" not in out and " changes delivered" in out
+    assert_counts_add_up(state_url)
+
+
+def test_history_shows_skipped_and_duplicate_ids(
+    make_config: Any,
+    warehouse: Warehouse,
+    gleap: Sandbox,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for i in range(1, 4):
+        warehouse.add(i, vip=True)
+    body = (
+        '[[audiences]]\nname = "VIP"\nsql = "SELECT id AS user_id FROM people WHERE vip = 1'
+        " UNION ALL SELECT NULL UNION ALL SELECT '' UNION ALL SELECT 2\"\n"
+    )
+    path, _ = make_config(body=body)
+    assert run_cli(capsys, "-c", str(path), "sync")[0] == 0
+    code, out, err = run_cli(capsys, "-c", str(path), "history")
+    assert code == 0, err
+    header, rule, row = out.splitlines()
+    # Columns sit where the rule's dashes are (cells may hold spaces: timestamps).
+    spans = [(m.start(), m.end()) for m in re.finditer(r"-+", rule)]
+    values = {header[a:b].strip(): row[a:b].strip() for a, b in spans}
+    assert (values["members"], values["skipped_ids"], values["duplicate_ids"]) == ("3", "2", "1")
+    assert (values["queued"], values["superseded"]) == ("3", "0")
