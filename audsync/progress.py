@@ -24,14 +24,13 @@ from typing import IO, Literal
 from rich.console import Console
 from rich.progress import (
     BarColumn,
-    MofNCompleteColumn,
     ProgressColumn,
     Task,
     TaskID,
     TextColumn,
-    TimeElapsedColumn,
 )
 from rich.progress import Progress as RichProgress
+from rich.table import Column
 from rich.text import Text
 
 from audsync.defaults import DEFAULT_LINE_INTERVAL
@@ -238,8 +237,13 @@ class LineProgress(Progress):
 class _LiveColumn(ProgressColumn):
     """Rate or ETA worked out at each refresh, so both keep moving during a stall."""
 
-    def __init__(self, what: Literal["rate", "eta"], clock: Callable[[], float]) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        what: Literal["rate", "eta"],
+        clock: Callable[[], float],
+        table_column: Column | None = None,
+    ) -> None:
+        super().__init__(table_column=table_column)
         self.what = what
         self.clock = clock
 
@@ -250,9 +254,31 @@ class _LiveColumn(ProgressColumn):
         now = self.clock()
         if self.what == "rate":
             rate = state.rate(now)
-            return Text(f"{rate:,.1f}/s" if rate is not None else "", style="progress.data.speed")
+            return Text(
+                f"{rate:,.1f}/s" if rate is not None else "",
+                style="progress.data.speed",
+                no_wrap=True,
+            )
         eta = state.eta(now)
-        return Text(f"ETA {duration(eta)}" if eta is not None else "", style="progress.remaining")
+        return Text(
+            f"ETA {duration(eta)}" if eta is not None else "",
+            style="progress.remaining",
+            no_wrap=True,
+        )
+
+
+class _CountsColumn(ProgressColumn):
+    """``1,234/5,000 users``: whole, with thousands separators, never cut or wrapped."""
+
+    def render(self, task: Task) -> Text:
+        state: PhaseState | None = task.fields.get("state")
+        if state is None:
+            return Text("")
+        if state.total is None:
+            text = f"{state.completed:,} {state.unit}"
+        else:
+            text = f"{state.completed:,}/{state.total:,} {state.unit}"
+        return Text(text, style="progress.download", no_wrap=True, overflow="ignore")
 
 
 class _SyncConsole(Console):
@@ -266,15 +292,19 @@ class BarProgress(Progress):
 
     def __init__(self, stream: IO[str], clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(clock)
+        # Numbers are never cut: when the terminal is narrow (80 columns and a
+        # million members) the label gives way first (ending in "…"), then the bar.
         self._bars = RichProgress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[unit]}"),
-            _LiveColumn("rate", clock),
-            _LiveColumn("eta", clock),
-            TimeElapsedColumn(),
+            TextColumn(
+                "{task.description}",
+                table_column=Column(no_wrap=True, overflow="ellipsis", ratio=2, min_width=8),
+            ),
+            BarColumn(bar_width=None, table_column=Column(ratio=1, min_width=3)),
+            _CountsColumn(table_column=Column(no_wrap=True)),
+            _LiveColumn("rate", clock, table_column=Column(no_wrap=True)),
+            _LiveColumn("eta", clock, table_column=Column(no_wrap=True)),
             console=_SyncConsole(file=stream),
+            expand=True,
         )
         self._tasks: dict[Phase, TaskID] = {}
         self._bars.start()

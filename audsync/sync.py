@@ -483,7 +483,8 @@ def _follow(
     echo: Printer,
     progress: Progress,
 ) -> None:
-    last = -1
+    # Progress goes to the progress display (bars, or a line every few seconds),
+    # not the log: one line when following starts and one when it ends.
     first: int | None = None
     try:
         while not stop():
@@ -492,12 +493,11 @@ def _follow(
             pending = sum(r["pending"] for r in open_rows)
             if first is None:
                 first = pending
+                echo(f"following the daemon's delivery of {pending:,} changes")
                 progress.start("delivering", "delivered by the daemon", total=first, unit="changes")
-            if pending != last:
-                echo(f"waiting: {pending} changes still pending")
-                progress.update("delivering", max(first - pending, 0))
-                last = pending
+            progress.update("delivering", max(first - pending, 0))
             if not open_rows:
+                echo("the daemon finished delivering the changes of this sync")
                 return
             time.sleep(0.5)
     finally:

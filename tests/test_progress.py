@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pty
 import re
@@ -17,6 +18,7 @@ from conftest import TOKEN, Warehouse, write_config
 from helpers import run_cli
 
 from audsync.progress import (
+    BarProgress,
     LineProgress,
     PhaseState,
     choose_display,
@@ -232,3 +234,77 @@ def test_a_reader_that_goes_away_does_not_stop_the_sync(
     statuses = {r["status"] for r in query(state_url, "SELECT status FROM sync_runs")}
     assert statuses == {"succeeded"}
     assert source_mismatches(gleap, warehouse) == []
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("columns", [80, 100])
+def test_bars_fit_the_terminal_without_cutting_numbers(
+    columns: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", str(columns))
+    now = [0.0]
+    screen = _Terminal()
+    bars = BarProgress(screen, clock=lambda: now[0])
+    bars.start("querying", "querying order_completed_last_30_days", total=1_000_000, unit="rows")
+    now[0] = 10.0
+    bars.update("querying", 1_000_000)
+    bars.finish("querying")
+    bars.start("delivering", "delivering", total=1_000_000, unit="users", budget=16.6)
+    now[0] = 20.0
+    bars.update("delivering", 123_456)
+    bars.close()  # draws the last frame
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue())
+    frame = [line for line in text.splitlines() if line.strip()][-2:]
+    assert all(len(line) <= columns for line in frame), frame
+    querying, delivering = frame
+    assert querying.startswith("querying ") and "1,000,000/1,000,000 rows" in querying
+    assert "100,000.0/s" in querying  # a million rows in 10 s: whole, not "1000000/…"
+    assert "123,456/1,000,000 users" in delivering and "12,345.6/s" in delivering
+    # The ETA follows the budget (16.6/s), not the faster observed rate, and is whole.
+    assert delivering.rstrip().endswith("ETA 14h 40m")
+
+
+@pytest.mark.slow
+def test_sync_wait_follows_the_daemon_with_progress_not_a_log_line_twice_a_second(
+    tmp_path: Path,
+    slow_gleap: Sandbox,
+    warehouse: Warehouse,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from conftest import Process, wait_for
+
+    monkeypatch.setenv("AUDSYNC_GLEAP_API_TOKEN", TOKEN)
+    path = slow_config(tmp_path, slow_gleap, warehouse, 0)
+    with path.open("a") as config:
+        config.write('\n[schedule]\ninterval = "1h"\njitter = "0s"\n')
+    daemon = Process(tmp_path, "daemon", "-c", str(path), "run")
+    try:
+        wait_for(
+            lambda: "holding the delivery lease" in daemon.output()
+            and "planned revenue" in daemon.output(),  # the last of its start-up plans
+            30,
+            "the daemon's start-up",
+        )
+        for i in range(1, 161):
+            warehouse.add(i, vip=True)  # 160 calls at 40/s: a few seconds of delivery
+        started = time.monotonic()
+        code, out, err = run_cli(
+            capsys, "-c", str(path), "sync", "vip_customers", "--wait", "--progress", "lines"
+        )
+        elapsed = time.monotonic() - started
+    finally:
+        daemon.stop()
+    assert code == 0, err
+    assert "still pending" not in out + err
+    assert err.count("following the daemon's delivery of 160 changes") == 1
+    assert err.count("the daemon finished delivering the changes of this sync") == 1
+    lines = [line for line in out.splitlines() if line.startswith("delivered by the daemon: ")]
+    assert lines[-1].startswith("delivered by the daemon: 160/160 changes (100%)")
+    # A line every 5 s while it follows, and one at the end.
+    assert len(lines) <= elapsed / 5 + 2
+    assert slow_gleap.stats.count("identify", ok=True) == 160
