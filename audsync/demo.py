@@ -184,14 +184,14 @@ def run_demo(users: int = 3000, keep: str | None = None) -> int:
             code = main(["-c", str(config_path), "--log-level", "WARNING", "sync"])
             if code:
                 return code
-            calls_before = len(gleap.calls("/admin/identify"))
+            calls_before = gleap.stats.count("identify", ok=True)
             print("\n== 2. the shop changes: new orders, a few plan changes")
             change_warehouse(warehouse, today)
             print("\n== 3. incremental sync: only the changes are sent")
             code = main(["-c", str(config_path), "--log-level", "WARNING", "sync"])
             if code:
                 return code
-            calls = len(gleap.calls("/admin/identify")) - calls_before
+            calls = gleap.stats.count("identify", ok=True) - calls_before
             print(f"   {calls} Identify calls for the incremental sync")
             print("\n== 4. history (SELECT * FROM sync_runs)")
             main(["-c", str(config_path), "history"])
