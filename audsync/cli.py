@@ -388,7 +388,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return _interrupted(stopping) or code
 
 
-def delivery_lines(report: DeliveryReport) -> list[str]:
+def _delivery_lines(report: DeliveryReport) -> list[str]:
     """What a delivery did, in lines: acknowledged Identify calls first, then Track
     calls, failed attempts and 429s each on their own (only when there were any)."""
     lines = [
@@ -444,7 +444,7 @@ def _print_runs(config: Config, outcome: SyncOutcome, *, wait: bool) -> int:
         print(f"changes are queued; the daemon ({outcome.handed_over_to}) is delivering them")
     report = outcome.delivery
     if report is not None:
-        for line in delivery_lines(report):
+        for line in _delivery_lines(report):
             print(line)
         if report.error is not None:
             _error(str(report.error))
