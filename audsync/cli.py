@@ -18,7 +18,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -43,6 +43,7 @@ from audsync.progress import PROGRESS_CHOICES, make_progress
 from audsync.report import duration, jsonable, table
 
 if TYPE_CHECKING:
+    from sqlalchemy import Engine
     from audsync.deliver import DeliveryReport
     from audsync.plan import PlanResult
     from audsync.sync import SyncOutcome
@@ -87,6 +88,9 @@ HISTORY_COLUMNS = [
 ]
 
 
+MAX_DEMO_USERS = 1_000_000
+"""More would take minutes for a demo; the benchmarks measure large audiences."""
+
 LOG_FORMATS = ("human", "json")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -117,6 +121,77 @@ def _one_of(
     return check
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, like every other error of audsync."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _number(
+    kind: Callable[[str], float],
+    least: float | None = None,
+    most: float | None = None,
+    *,
+    above: bool = False,
+) -> Callable[[str], Any]:
+    """An argparse type: a number of ``kind`` within bounds, or a one-line reason."""
+
+    def check(raw: str) -> Any:
+        try:
+            value = kind(raw)
+        except ValueError:
+            noun = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{raw!r} is not {noun}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"{raw!r} is not a number")
+        if least is not None and (value <= least if above else value < least):
+            raise argparse.ArgumentTypeError(
+                f"{raw!r} must be {'more than' if above else 'at least'} {least:g}"
+            )
+        if most is not None and value > most:
+            raise argparse.ArgumentTypeError(f"{raw!r} must be at most {most:g}")
+        return value
+
+    return check
+
+
+_PORT = _number(int, 0, 65535)
+_POSITIVE = _number(int, 1)
+
+
+def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """-c, --log-level and --log-format: on the top parser with their defaults, and on
+    every command with no default, so they work on either side of the command
+    (``audsync sync -c x.toml``) and a value after it wins."""
+
+    def default(value: Any) -> Any:
+        return value if top else argparse.SUPPRESS
+
+    parser.add_argument(
+        "-c",
+        "--config",
+        # No default from the environment here: load_config reads AUDSYNC_CONFIG
+        # itself, and so can say which of the two named a file that is missing.
+        default=default(None),
+        help="config file (env AUDSYNC_CONFIG; default ./audsync.toml)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default=default(_env_default("AUDSYNC_LOG_LEVEL", "INFO")),
+        type=_one_of("AUDSYNC_LOG_LEVEL", LOG_LEVELS, str.upper),
+        help="DEBUG, INFO, WARNING or ERROR (env AUDSYNC_LOG_LEVEL)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        type=_one_of("AUDSYNC_LOG_FORMAT", LOG_FORMATS),
+        default=default(_env_default("AUDSYNC_LOG_FORMAT", "human")),
+        help="human lines, or one JSON object per line for log shippers (env AUDSYNC_LOG_FORMAT)",
+    )
+
+
 def _progress_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--progress",
@@ -130,31 +205,21 @@ def _progress_option(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; every option can also be set from an AUDSYNC_* variable."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="audsync",
         description="Sync SQL-defined audiences and computed traits to Gleap contacts.",
     )
-    parser.add_argument(
-        "-c",
-        "--config",
-        default=_env_default("AUDSYNC_CONFIG"),
-        help="config file (env AUDSYNC_CONFIG; default ./audsync.toml)",
-    )
-    parser.add_argument(
-        "--log-level",
-        default=_env_default("AUDSYNC_LOG_LEVEL", "INFO"),
-        type=_one_of("AUDSYNC_LOG_LEVEL", LOG_LEVELS, str.upper),
-        help="DEBUG, INFO, WARNING or ERROR (env AUDSYNC_LOG_LEVEL)",
-    )
-    parser.add_argument(
-        "--log-format",
-        choices=LOG_FORMATS,
-        type=_one_of("AUDSYNC_LOG_FORMAT", LOG_FORMATS),
-        default=_env_default("AUDSYNC_LOG_FORMAT", "human"),
-        help="human lines, or one JSON object per line for log shippers (env AUDSYNC_LOG_FORMAT)",
-    )
+    _global_options(parser, top=True)
     parser.add_argument("--version", action="version", version=f"audsync {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    init = sub.add_parser("init", help="write a commented starter audsync.toml")
+    init.add_argument(
+        "path",
+        nargs="?",
+        metavar="PATH",
+        help="where to write it (default: -c, AUDSYNC_CONFIG, or ./audsync.toml)",
+    )
 
     sync = sub.add_parser("sync", help="plan now and deliver the changes (manual resync)")
     sync.add_argument("keys", nargs="*", metavar="KEY", help="audiences/traits (default: all)")
@@ -193,7 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     history = sub.add_parser("history", help="past runs from the state DB")
     history.add_argument("--audience", metavar="KEY")
-    history.add_argument("--limit", type=int, default=20, metavar="N")
+    history.add_argument(
+        "--limit", type=_POSITIVE, default=20, metavar="N", help="newest N (default 20)"
+    )
     history.add_argument("--json", action="store_true")
     history.add_argument(
         "--failures", action="store_true", help="per-user delivery failures instead of runs"
@@ -212,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--audience", metavar="KEY", help="only this audience or trait")
     report.add_argument(
         "--runs",
-        type=int,
+        type=_POSITIVE,
         default=_env_default("AUDSYNC_REPORT_RUNS", 500),
         metavar="N",
         help="runs per audience to draw (env AUDSYNC_REPORT_RUNS; default 500)",
@@ -231,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--once", action="store_true", help="do the start-up sync, then exit")
     run.add_argument(
         "--metrics-port",
-        type=int,
+        type=_PORT,
         default=_env_default("AUDSYNC_METRICS_PORT"),
         metavar="PORT",
         help="serve Prometheus metrics on PORT at /metrics (env AUDSYNC_METRICS_PORT)",
@@ -245,17 +312,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     demo = sub.add_parser("demo", help="a self-contained demo (no config, no network)")
-    demo.add_argument("--users", type=int, default=3000)
+    demo.add_argument(
+        "--users",
+        type=_number(int, 1, MAX_DEMO_USERS),
+        default=3000,
+        help=f"users in the demo shop (1 to {MAX_DEMO_USERS:,}; default 3,000)",
+    )
     demo.add_argument("--keep", metavar="DIR", help="build the demo in DIR and keep it")
 
     sandbox = sub.add_parser("sandbox", help="serve a local Gleap-compatible API for trying things")
-    sandbox.add_argument("--port", type=int, default=_env_default("AUDSYNC_SANDBOX_PORT", 8765))
+    sandbox.add_argument(
+        "--port",
+        type=_PORT,
+        default=_env_default("AUDSYNC_SANDBOX_PORT", 8765),
+        help="port on 127.0.0.1 (env AUDSYNC_SANDBOX_PORT; default 8765; 0 picks a free one)",
+    )
     sandbox.add_argument("--token", default=_env_default("AUDSYNC_SANDBOX_TOKEN", "sandbox-token"))
-    sandbox.add_argument("--rate-limit", type=int, default=defaults.DEFAULT_RATE_LIMIT)
-    sandbox.add_argument("--rate-window", type=float, default=defaults.DEFAULT_RATE_WINDOW)
-    sandbox.add_argument("--fail-ratio", type=float, default=0.0)
-    sandbox.add_argument("--latency", type=float, default=0.0)
+    sandbox.add_argument(
+        "--rate-limit",
+        type=_number(int, 0),
+        default=defaults.DEFAULT_RATE_LIMIT,
+        help="calls per --rate-window before HTTP 429 (0: no limit; default 1000)",
+    )
+    sandbox.add_argument(
+        "--rate-window", type=_number(float, 0, above=True), default=defaults.DEFAULT_RATE_WINDOW
+    )
+    sandbox.add_argument(
+        "--fail-ratio",
+        type=_number(float, 0, 1),
+        default=0.0,
+        help="share of calls answered HTTP 500 (0 to 1)",
+    )
+    sandbox.add_argument(
+        "--latency", type=_number(float, 0, 60), default=0.0, help="seconds before each answer"
+    )
     sandbox.add_argument("--db", default=":memory:", help="SQLite file for the contacts")
+    for command in sub.choices.values():
+        _global_options(command, top=False)
+    for action in db_sub.choices.values():
+        _global_options(action, top=False)
     return parser
 
 
@@ -263,7 +358,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``audsync`` command and return its exit code."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            # Said by the command's parser, so the line names the command.
+            _command_parser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exc:
         return int(exc.code or 0) and EXIT_USAGE
     logs.configure(str(args.log_level), str(args.log_format))
@@ -287,6 +385,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
+    except Exception as exc:
+        # Whatever was not foreseen still ends as one line, never a traceback
+        # (which could quote a secret or a user's data).
+        _error(
+            f"unexpected {type(exc).__name__} in `audsync {args.command}`: {describe(exc)}"
+            " (a bug in audsync; please report it with this line)"
+        )
+        return EXIT_FAILED
+
+
+def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Any:
+    """The parser of the (sub)command ``args`` were parsed for."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            chosen = getattr(args, action.dest, None)
+            if chosen in action.choices:
+                return _command_parser(action.choices[chosen], args)
+    return parser
 
 
 @contextlib.contextmanager
@@ -336,6 +452,19 @@ def _config(args: argparse.Namespace, *, require_file: bool = True) -> Config:
         for note in config.notes:
             log.warning("%s: %s", config.path, note)
     return config
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from audsync.config import resolve_config_path
+    from audsync.starter import write_starter
+
+    path = args.path or resolve_config_path(args.config, os.environ)[0]
+    written = write_starter(path)
+    named = written.resolve() != Path(defaults.DEFAULT_CONFIG_PATH).resolve()
+    use = f"audsync -c {written}" if named else "audsync"
+    print(f"wrote {written}: point [source] url at your database and write your audiences,")
+    print(f"then: {use} check")
+    return EXIT_OK
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
@@ -468,12 +597,12 @@ def cmd_retry_failed(args: argparse.Namespace) -> int:
 
 def cmd_forget(args: argparse.Namespace) -> int:
     from audsync.forget import forget, forget_wait, suppressed, unforget
-    from audsync.state import open_configured
+    from audsync.state import open_configured, open_for_reading
     from audsync.sync import make_client
 
     config = _config(args, require_file=False)
     if args.list:
-        rows = suppressed(open_configured(config))
+        rows = suppressed(open_for_reading(config))
         if args.json:
             print(json.dumps(jsonable(rows), indent=2))
         elif rows:
@@ -485,7 +614,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
         _error("forget: name at least one USER_ID (or use --list)")
         return EXIT_USAGE
     if args.undo:
-        lifted = unforget(open_configured(config), args.user_ids)
+        lifted = unforget(open_for_reading(config), args.user_ids)
         for user_id in args.user_ids:
             print(
                 f"{user_id}: "
@@ -546,6 +675,7 @@ def cmd_history(args: argparse.Namespace) -> int:
 
     config = _config(args, require_file=False)
     state = open_for_reading(config)
+    _check_audience(state, config, args.audience)
     if args.failures:
         rows = failures(state, audience=args.audience, limit=args.limit)
         columns = ["id", "run_id", "audience_key", "user_id", "http_status", "reason", "failed_at"]
@@ -561,19 +691,33 @@ def cmd_history(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _check_audience(state: Engine, config: Config, key: str | None) -> None:
+    """A ConfigError naming the known keys when ``--audience KEY`` names none of them."""
+    from audsync.history import known_keys
+
+    if key is None:
+        return
+    known = sorted(set(known_keys(state)) | {d.key for d in config.definitions})
+    if key not in known:
+        raise ConfigError(
+            "--audience",
+            repr(key),
+            "no such audience or trait (known: " + (", ".join(known) or "none yet") + ")",
+        )
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from audsync.html_report import collect_report, write_report
     from audsync.state import open_for_reading
 
     config = _config(args, require_file=False)
-    if args.runs < 1:
-        raise ConfigError("--runs", str(args.runs), "must be at least 1")
     target = Path(args.html)
     if not target.parent.is_dir():
         raise ConfigError("--html", args.html, f"folder {target.parent} does not exist")
     state = open_for_reading(config)
     report = collect_report(state, config, audience=args.audience, runs_per_audience=args.runs)
     if args.audience and not report.audiences:
+        _check_audience(state, config, args.audience)
         raise ConfigError("--audience", args.audience, "no such audience or trait in the state DB")
     written = write_report(target, report)
     print(f"wrote {written} ({len(report.audiences)} audiences and traits)")
@@ -581,17 +725,19 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from audsync.state import open_for_reading
+    from audsync.state import describe_state, open_for_reading
     from audsync.status import collect_status
 
     config = _config(args, require_file=False)
     state = open_for_reading(config)
     info = collect_status(state, config)
+    info["state_db"] = describe_state(config)
     for audience in info["audiences"]:
         audience["eta"] = duration(audience["eta_seconds"]) if audience["pending"] else "-"
     if args.json:
         print(json.dumps(jsonable(info), indent=2))
         return EXIT_OK
+    print(f"state DB: {info['state_db']}")
     if info["audiences"]:
         print(
             table(
@@ -664,7 +810,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             _error(str(exc))
             problems += 1
         except SQLAlchemyError as exc:
-            _error(f"audience {definition.key!r}: query failed: {first_line(exc)}")
+            _error(f"{definition.kind} {definition.key!r}: query failed: {first_line(exc)}")
             problems += 1
     if problems:
         return EXIT_FAILED
@@ -718,17 +864,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
+    import sqlite3
+
     from audsync.sandbox import Sandbox
 
-    server = Sandbox(
-        args.token,
-        port=args.port,
-        rate_limit=args.rate_limit,
-        rate_window=args.rate_window,
-        fail_ratio=args.fail_ratio,
-        latency=args.latency,
-        db_path=args.db,
-    )
+    try:
+        server = Sandbox(
+            args.token,
+            port=args.port,
+            rate_limit=args.rate_limit,
+            rate_window=args.rate_window,
+            fail_ratio=args.fail_ratio,
+            latency=args.latency,
+            db_path=args.db,
+        )
+    except sqlite3.Error as exc:
+        raise ConfigError("--db", args.db, f"cannot be used: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(
+            "--port", str(args.port), f"cannot listen on 127.0.0.1:{args.port}: {exc.strerror}"
+        ) from None
     print(f"Gleap sandbox on {server.url} (token {args.token!r}); Ctrl-C stops it", flush=True)
     with contextlib.suppress(KeyboardInterrupt):
         server.serve_forever()
@@ -736,6 +891,7 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
+    "init": cmd_init,
     "sync": cmd_sync,
     "retry-failed": cmd_retry_failed,
     "forget": cmd_forget,

@@ -42,6 +42,7 @@ from audsync.keys import (
     legacy_key,
     needs_ledger,
 )
+from audsync.query_text import trim_query
 
 Kind = Literal["audience", "trait"]
 
@@ -173,6 +174,11 @@ class Config:
     notes: tuple[str, ...] = ()
     """Things the user should know about the config that are not errors (a key kept
     because Gleap already holds it): logged by every command, printed by ``check``."""
+    state_url_written: str | None = None
+    """The state URL as the file gives it, when it is a relative path that
+    :func:`anchor_file_url` made absolute (else None): :mod:`audsync.state` uses
+    it to refuse starting a second ledger beside one that an older audsync
+    kept relative to the working directory."""
 
     def require_token(self) -> str:
         """The API token, or a ConfigError saying where to put it."""
@@ -281,22 +287,70 @@ def load_config(
     """
     env = os.environ if env is None else env
     path, named = resolve_config_path(cli_path, env)
+    if stored_keys is None:
+        from audsync.state import keys_in_ledger  # the state module imports this one
+
+        stored_keys = keys_in_ledger
     raw: dict[str, Any] = {}
     p = Path(path)
-    if p.exists():
+    if p.is_file():
         try:
             raw = tomllib.loads(p.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(path, "", f"not valid TOML: {exc}") from None
         except OSError as exc:
             raise ConfigError(path, "", f"cannot be read: {exc.strerror}") from None
-    elif named or require_file:
-        raise ConfigError(path, "", "file not found")
-    if stored_keys is None:
-        from audsync.state import keys_in_ledger  # the state module imports this one
-
-        stored_keys = keys_in_ledger
+        except UnicodeDecodeError:
+            raise ConfigError(path, "", "is not UTF-8 text") from None
+        return parse_config(
+            raw, env, path, stored_keys=stored_keys, base_dir=str(p.resolve().parent)
+        )
+    if p.exists():
+        raise ConfigError(path, "", "is not a file")
+    if named or require_file:
+        raise ConfigError(path, "", not_found_problem(path, named, cli_path is not None))
     return parse_config(raw, env, path, stored_keys=stored_keys)
+
+
+def not_found_problem(path: str, named: bool, by_option: bool) -> str:
+    """Why there is no config, where audsync looked, and the ways to give it one."""
+    if named:
+        by = "-c" if by_option else "AUDSYNC_CONFIG"
+        return (
+            f"file not found (named by {by}); write a commented starter there with"
+            f" `audsync init {path}`"
+        )
+    return (
+        f"file not found: looked for {path} in {Path.cwd()} because neither -c PATH nor"
+        " AUDSYNC_CONFIG names a config; name one, or write a commented starter with"
+        " `audsync init`"
+    )
+
+
+def anchor_file_url(url: str, base_dir: str) -> str:
+    """``url`` with a relative SQLite (or DuckDB) file path made absolute under
+    ``base_dir``; any other URL unchanged.
+
+    A relative path in a config file means "next to this file", wherever the
+    command runs from: read from the working directory, ``audsync -c
+    /etc/audsync/audsync.toml status`` run from elsewhere would find no state
+    DB, and a sync there would start a second ledger and resend everyone.
+    """
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        return url
+    database = parsed.database
+    if (
+        parsed.get_backend_name() not in ("sqlite", "duckdb")
+        or not database
+        or database == ":memory:"
+        or database.startswith("file:")  # an SQLite URI: relative to nothing we can tell
+        or Path(database).is_absolute()
+    ):
+        return url
+    anchored = str(Path(base_dir) / database)
+    return parsed.set(database=anchored).render_as_string(hide_password=False)
 
 
 def parse_config(
@@ -305,10 +359,16 @@ def parse_config(
     path: str,
     *,
     stored_keys: StoredKeys | None = None,
+    base_dir: str | None = None,
 ) -> Config:
     """Validate an already-parsed TOML document plus env overrides.
 
     Without ``stored_keys`` no key is taken to be in a ledger.
+
+    ``base_dir`` is the config file's folder: a relative SQLite or DuckDB path
+    written in the file (or the default state DB) is taken relative to it. A
+    value from the environment is taken as the shell gives it, relative to the
+    working directory, and so is everything when there is no file.
     """
     for top in raw:
         if top not in _SECTIONS and top not in ("audiences", "traits"):
@@ -331,6 +391,8 @@ def parse_config(
                 where = path
             if k in merged:
                 merged[k] = _coerce(merged[k], spec[k], where, f"{section}.{k}")
+                if (section, k) == ("source", "url") and where == path and base_dir:
+                    merged[k] = anchor_file_url(merged[k], base_dir)
         values[section] = merged
 
     gleap_raw = values["gleap"]
@@ -341,7 +403,10 @@ def parse_config(
         # Zero would prune every run the moment it finishes.
         where = "AUDSYNC_HISTORY_KEEP" if env.get("AUDSYNC_HISTORY_KEEP", "") else path
         raise ConfigError(where, "history.keep", "must be longer than 0 (e.g. 90d)")
-    state_url = values["state"].get("url", defaults.DEFAULT_STATE_URL)
+    state_written = values["state"].get("url", defaults.DEFAULT_STATE_URL)
+    state_url = state_written
+    if base_dir is not None and not env.get("AUDSYNC_STATE_URL", ""):
+        state_url = anchor_file_url(state_written, base_dir)
     busy_timeout = values["state"].get("busy_timeout", defaults.DEFAULT_BUSY_TIMEOUT)
 
     def in_ledger(candidates: Collection[str]) -> Collection[str]:
@@ -353,6 +418,7 @@ def parse_config(
         path=path,
         source_url=values["source"].get("url"),
         state_url=state_url,
+        state_url_written=state_written if state_written != state_url else None,
         state_busy_timeout=busy_timeout,
         gleap=gleap,
         schedule=ScheduleConfig(**values["schedule"]),
@@ -520,7 +586,9 @@ def _parse_definitions(
             if not isinstance(name, str) or not name.strip():
                 raise ConfigError(path, f"{where}.name", "missing or empty")
             sql = entry.get("sql")
-            if not isinstance(sql, str) or not sql.strip():
+            if isinstance(sql, str):
+                sql = trim_query(sql)
+            if not isinstance(sql, str) or not sql:
                 raise ConfigError(
                     path, f"{where}.sql", f"missing or empty ({name!r} needs a query)"
                 )
@@ -542,7 +610,7 @@ def _parse_definitions(
                     kind=kind,
                     name=name,
                     key=key,
-                    sql=sql.strip().rstrip(";").strip(),
+                    sql=sql,
                     events=events,
                 )
             )

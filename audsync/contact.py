@@ -130,15 +130,11 @@ def map_columns(
             raise ColumnProblem(problem)
     user_id_at = names.index(USER_ID)
     value_at = names.index(TRAIT_VALUE) if kind == "trait" else -1
-    contact_at = tuple(
-        (i, name) for i, name in enumerate(names) if i not in (user_id_at, value_at)
-    )
+    contact_at = tuple((i, name) for i, name in enumerate(names) if i not in (user_id_at, value_at))
     return ColumnMap(user_id_at, value_at, contact_at)
 
 
-def column_problem(
-    raw: str, name: str, kind: str, key: str, keys: Mapping[str, str]
-) -> str | None:
+def column_problem(raw: str, name: str, kind: str, key: str, keys: Mapping[str, str]) -> str | None:
     """Why the column ``raw`` (named ``name``) cannot be in a ``kind`` query of ``key``."""
     folded = name.lower()
     if folded == INVALID_MARK:

@@ -6,6 +6,8 @@
     ├── ConfigError                   bad config file or env (exit 2); names file + key
     ├── SourceError                   an audience query failed; names the audience
     ├── StateError                    the state DB is unreachable, locked or too old
+    │   └── StateMoved                ... not there, but the one a relative path meant before is
+    ├── DriverMissing                 a source/state URL's driver is not installed (exit 2)
     ├── LeaseHeld                     another process holds a lease (exit 3)
     ├── Interrupted                   a shutdown request stopped the work (exit 130)
     │   └── CallAbandoned             ... while a call was in flight: Gleap may still apply it
@@ -60,13 +62,27 @@ class ConfigError(AudsyncError):
 class SourceError(AudsyncError):
     """An audience or trait query could not be run or returned unusable rows."""
 
-    def __init__(self, audience_key: str, problem: str) -> None:
+    def __init__(self, audience_key: str, problem: str, kind: str = "audience") -> None:
         self.audience_key = audience_key
-        super().__init__(f"audience {audience_key!r}: {problem}")
+        super().__init__(f"{kind} {audience_key!r}: {problem}")
 
 
 class StateError(AudsyncError):
     """The state database cannot be used."""
+
+
+class StateMoved(StateError):
+    """The config's state DB does not exist, but the file its relative path named
+    when such paths were taken from the working directory does (exit 2)."""
+
+    exit_code = EXIT_USAGE
+
+
+class DriverMissing(AudsyncError):
+    """A source or state URL needs a SQLAlchemy dialect or driver that is not
+    installed; the message names the package (:mod:`audsync.drivers`)."""
+
+    exit_code = EXIT_USAGE
 
 
 class LeaseHeld(AudsyncError):
@@ -167,6 +183,17 @@ def redact(text: str, *secrets: str | None) -> str:
         # Case-insensitively: a server may shout the token back in upper case.
         text = re.sub(re.escape(form), "***", text, flags=re.IGNORECASE)
     return text
+
+
+def safe_url(url: str) -> str:
+    """A database URL to show: its password as ``***``; never the raw text of one that
+    does not parse (it may hold a password where the parser did not expect one)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<unparseable URL>"
 
 
 _SQLALCHEMY_NOISE = re.compile(

@@ -333,6 +333,13 @@ class GleapClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def host(self) -> str:
+        """base_url's host and port, for messages: where calls go, without credentials."""
+        url = self._http.base_url
+        default = {"http": 80, "https": 443}.get(url.scheme)
+        return url.host if url.port in (None, default) else f"{url.host}:{url.port}"
+
     def request_path(self, path: str) -> str:
         """The URL path a call to ``path`` goes to (base_url's own path included), for
         messages: it names where the calls went without the host's secrets or the token."""
@@ -473,9 +480,12 @@ class GleapClient:
             if self.observer is not None:
                 self.observer.retry(endpoint)
             self._sleep_for(backoff_delay(failures, retry_after), between)
+        # failures + throttles counts every attempt made (the first one too), not
+        # the retries; the host says where they went (never the token, nor any
+        # user:password a base_url might hold).
         raise GleapUnavailable(
-            f"Gleap did not accept {method} {path} after {failures + throttles} retries"
-            f" (last: {last_problem})"
+            f"Gleap did not accept {method} {path} at {self.host} after"
+            f" {failures + throttles} attempts (last: {last_problem})"
         )
 
     def _exchange(

@@ -150,3 +150,11 @@ def failures(
         query = query.where(f.audience_key == audience)
     with engine.connect() as conn:
         return [dict(r._mapping) for r in conn.execute(query)]
+
+
+def known_keys(engine: Engine) -> list[str]:
+    """Every audience or trait key the state DB knows (with ``*``, forget's runs), sorted."""
+    with engine.connect() as conn:
+        keys = set(conn.execute(select(models.audiences.c.key)).scalars())
+        keys |= set(conn.execute(select(models.sync_runs.c.audience_key).distinct()).scalars())
+    return sorted(keys)

@@ -36,8 +36,9 @@ def _is_latin_letter(char: str) -> bool:
 def foreign_letters(name: str) -> str:
     """The letters of ``name`` that have no Latin form (``'日本'`` in ``'日本 Users'``)."""
     return "".join(
-        c for c in name if c.isalpha() and not c.isascii() and not _ascii_fold(c)
-        and not _is_latin_letter(c)
+        c
+        for c in name
+        if c.isalpha() and not c.isascii() and not _ascii_fold(c) and not _is_latin_letter(c)
     )
 
 

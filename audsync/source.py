@@ -13,16 +13,19 @@ import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from audsync.config import Definition
 from audsync.contact import INVALID_MARK as INVALID_MARK  # re-exported: the old home
 from audsync.contact import ColumnProblem, map_columns
 from audsync.contact import build_contact as build_contact  # re-exported: the old home
-from audsync.errors import AudsyncError, Interrupted, SourceError
+from audsync.drivers import is_missing_driver, missing_driver_hint
+from audsync.errors import AudsyncError, ConfigError, DriverMissing, Interrupted, SourceError
 from audsync.values import (
     JSON_TRUE,
     UnstorableValue,
@@ -77,6 +80,12 @@ def _example(user_id: str, width: int = 40) -> str:
 
 def open_source(url: str) -> Engine:
     """An engine on the source DB; a clear AudsyncError when it cannot be reached."""
+    missing = _missing_sqlite_file(url)
+    if missing is not None:
+        # Connecting would create an empty database and report "no such table".
+        raise ConfigError(
+            f"source DB {_safe_url(url)}", "", f"file {missing} not found (check [source] url)"
+        )
     try:
         engine = create_engine(url)
         if engine.dialect.name == "sqlite" and engine.dialect.driver == "pysqlite":
@@ -84,10 +93,25 @@ def open_source(url: str) -> Engine:
         with engine.connect():
             pass
     except (SQLAlchemyError, ImportError, ValueError) as exc:
+        if is_missing_driver(exc):
+            raise DriverMissing(f"source DB {_safe_url(url)}: {missing_driver_hint(url)}") from None
         raise AudsyncError(
             f"source DB {_safe_url(url)} cannot be reached: {first_line(exc)}"
         ) from None
     return engine
+
+
+def _missing_sqlite_file(url: str) -> str | None:
+    try:
+        parsed = make_url(url)
+    except Exception:
+        return None
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return None
+    if database.startswith("file:") or Path(database).exists():
+        return None
+    return database
 
 
 def _tolerate_bad_utf8(dbapi_connection: Any, _record: Any) -> None:
@@ -127,7 +151,7 @@ def stream_snapshot(
     try:
         column_map = map_columns(columns, definition.kind, key, keys)
     except ColumnProblem as exc:
-        raise SourceError(key, str(exc)) from None
+        raise SourceError(key, str(exc), definition.kind) from None
     ordered = (
         f"SELECT * FROM (\n{definition.sql}\n) audsync_q ORDER BY {text_order(engine.dialect.name)}"
     )
@@ -170,7 +194,9 @@ def stream_snapshot(
                             value = attribute(raw[value_at])
                         except UnstorableValue as exc:
                             raise SourceError(
-                                key, f"user {user_id!r} has a value Gleap cannot store: {exc}"
+                                key,
+                                f"user {user_id!r} has a value Gleap cannot store: {exc}",
+                                definition.kind,
                             ) from None
                         if value is None:
                             continue
@@ -187,7 +213,7 @@ def stream_snapshot(
     except SQLAlchemyError as exc:
         if cancelled():
             raise Interrupted(f"planning {key} stopped by a shutdown request") from None
-        raise SourceError(key, f"query failed: {first_line(exc)}") from None
+        raise SourceError(key, f"query failed: {first_line(exc)}", definition.kind) from None
 
 
 def fetch_chunks(conn: Connection, sql: str, chunk_size: int) -> Iterator[Sequence[Any]]:
@@ -308,7 +334,9 @@ def _columns(
     except SQLAlchemyError as exc:
         if cancelled():
             raise Interrupted(f"planning {definition.key} stopped by a shutdown request") from None
-        raise SourceError(definition.key, f"query failed: {first_line(exc)}") from None
+        raise SourceError(
+            definition.key, f"query failed: {first_line(exc)}", definition.kind
+        ) from None
 
 
 def first_line(exc: BaseException) -> str:

@@ -14,7 +14,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from audsync import migrate, models
 from audsync.config import Config
 from audsync.defaults import DEFAULT_BUSY_TIMEOUT
-from audsync.errors import StateError, redact
+from audsync.drivers import is_missing_driver, missing_driver_hint
+from audsync.errors import DriverMissing, StateError, StateMoved, redact, safe_url
 
 
 def open_state(
@@ -24,6 +25,8 @@ def open_state(
     try:
         engine = create_engine(url, **_engine_options(url, busy_timeout))
     except (SQLAlchemyError, ImportError, ValueError) as exc:
+        if is_missing_driver(exc):
+            raise DriverMissing(f"state DB {safe_url(url)}: {missing_driver_hint(url)}") from None
         raise StateError(f"state DB {redact(url, _password(url))}: {exc}") from None
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", functools.partial(_sqlite_pragmas, busy_timeout))
@@ -74,7 +77,49 @@ def _first_line(exc: BaseException) -> str:
 
 def open_configured(config: Config, *, upgrade: bool = True) -> Engine:
     """The state DB of ``config``, upgraded to the current schema when ``upgrade``."""
+    _refuse_second_ledger(config)
     return open_state(config.state_url, upgrade=upgrade, busy_timeout=config.state_busy_timeout)
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite URL, or None for another engine or an in-memory DB."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database:
+        return None
+    if parsed.database == ":memory:" or parsed.database.startswith("file:"):
+        return None
+    return Path(parsed.database)
+
+
+def state_db_exists(config: Config) -> bool:
+    """False only for a SQLite state DB whose file is not there (a server DB is
+    taken to exist; connecting says otherwise)."""
+    path = sqlite_file(config.state_url)
+    return path is None or path.exists()
+
+
+def describe_state(config: Config) -> str:
+    """The state DB as the user should see it: the URL without its password."""
+    return safe_url(config.state_url)
+
+
+def _refuse_second_ledger(config: Config) -> None:
+    # Before relative SQLite paths were taken relative to the config file, they
+    # were relative to the working directory. Creating a fresh ledger beside
+    # the old one would resend every member to Gleap: refuse, and say how to
+    # keep the old one.
+    if config.state_url_written is None or state_db_exists(config):
+        return
+    old = sqlite_file(config.state_url_written)
+    if old is None or not old.exists():
+        return
+    raise StateMoved(
+        f"state DB {describe_state(config)} does not exist, but {old} in the working"
+        f" directory {Path.cwd()} does: a relative SQLite path in the config file is"
+        f" taken relative to the file's folder; to keep that ledger set [state] url ="
+        f' "sqlite:///{old.resolve()}" (or move the file); starting a new one would'
+        " resend every member to Gleap"
+    )
 
 
 def open_for_reading(config: Config) -> Engine:
@@ -83,7 +128,8 @@ def open_for_reading(config: Config) -> Engine:
     Raises StateError when it does not exist yet or needs ``audsync db upgrade``.
     """
     url = make_url(config.state_url)
-    if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
+    _refuse_second_ledger(config)
+    if not state_db_exists(config):
         raise StateError(
             f"state DB {url.render_as_string(hide_password=True)} does not exist yet:"
             " run `audsync sync` (or `audsync db upgrade`) first"
