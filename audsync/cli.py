@@ -135,29 +135,31 @@ def _number(
     most: float | None = None,
     *,
     above: bool = False,
+    variable: str | None = None,
 ) -> Callable[[str], Any]:
-    """An argparse type: a number of ``kind`` within bounds, or a one-line reason."""
+    """An argparse type: a number of ``kind`` within bounds, or a one-line reason
+    (naming ``variable`` when the value may come from the environment)."""
+    where = f" (from the option or {variable})" if variable else ""
 
     def check(raw: str) -> Any:
         try:
             value = kind(raw)
         except ValueError:
             noun = "a whole number" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"{raw!r} is not {noun}") from None
+            raise argparse.ArgumentTypeError(f"{raw!r} is not {noun}{where}") from None
         if value != value or value in (float("inf"), float("-inf")):
-            raise argparse.ArgumentTypeError(f"{raw!r} is not a number")
+            raise argparse.ArgumentTypeError(f"{raw!r} is not a number{where}")
         if least is not None and (value <= least if above else value < least):
             raise argparse.ArgumentTypeError(
-                f"{raw!r} must be {'more than' if above else 'at least'} {least:g}"
+                f"{raw!r} must be {'more than' if above else 'at least'} {least:g}{where}"
             )
         if most is not None and value > most:
-            raise argparse.ArgumentTypeError(f"{raw!r} must be at most {most:g}")
+            raise argparse.ArgumentTypeError(f"{raw!r} must be at most {most:g}{where}")
         return value
 
     return check
 
 
-_PORT = _number(int, 0, 65535)
 _POSITIVE = _number(int, 1)
 
 
@@ -279,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--audience", metavar="KEY", help="only this audience or trait")
     report.add_argument(
         "--runs",
-        type=_POSITIVE,
+        type=_number(int, 1, variable="AUDSYNC_REPORT_RUNS"),
         default=_env_default("AUDSYNC_REPORT_RUNS", 500),
         metavar="N",
         help="runs per audience to draw (env AUDSYNC_REPORT_RUNS; default 500)",
@@ -298,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--once", action="store_true", help="do the start-up sync, then exit")
     run.add_argument(
         "--metrics-port",
-        type=_PORT,
+        type=_number(int, 0, 65535, variable="AUDSYNC_METRICS_PORT"),
         default=_env_default("AUDSYNC_METRICS_PORT"),
         metavar="PORT",
         help="serve Prometheus metrics on PORT at /metrics (env AUDSYNC_METRICS_PORT)",
@@ -323,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     sandbox = sub.add_parser("sandbox", help="serve a local Gleap-compatible API for trying things")
     sandbox.add_argument(
         "--port",
-        type=_PORT,
+        type=_number(int, 0, 65535, variable="AUDSYNC_SANDBOX_PORT"),
         default=_env_default("AUDSYNC_SANDBOX_PORT", 8765),
         help="port on 127.0.0.1 (env AUDSYNC_SANDBOX_PORT; default 8765; 0 picks a free one)",
     )

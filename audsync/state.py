@@ -114,8 +114,8 @@ def _refuse_second_ledger(config: Config) -> None:
     if old is None or not old.exists():
         return
     raise StateMoved(
-        f"state DB {describe_state(config)} does not exist, but {old} in the working"
-        f" directory {Path.cwd()} does: a relative SQLite path in the config file is"
+        f"state DB {describe_state(config)} does not exist, but {old.resolve()} in the"
+        " working directory does: a relative SQLite path in the config file is"
         f" taken relative to the file's folder; to keep that ledger set [state] url ="
         f' "sqlite:///{old.resolve()}" (or move the file); starting a new one would'
         " resend every member to Gleap"

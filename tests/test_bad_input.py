@@ -54,7 +54,7 @@ CASES: list[tuple[str, dict[str, Any], int, str]] = [
         "trait without value",
         {"body": '[[traits]]\nname = "T"\nsql = "SELECT id AS user_id FROM people"\n'},
         1,
-        "audience 't': a trait query must return a value column (it returns: user_id)",
+        "trait 't': a trait query must return a value column (it returns: user_id)",
     ),
     (
         "colliding keys",
@@ -217,6 +217,12 @@ def test_a_bad_variable_for_one_command_leaves_the_others_alone(
     monkeypatch.setenv("AUDSYNC_STATE_URL", f"sqlite:///{tmp_path / 'state.db'}")
     assert main(["db", "upgrade"]) == 0
     assert main(["sandbox"]) == 2
-    assert "argument --port: invalid int value: 'abc'" in capsys.readouterr().err
+    assert (
+        "argument --port: 'abc' is not a whole number (from the option or AUDSYNC_SANDBOX_PORT)"
+        in capsys.readouterr().err
+    )
     assert main(["run"]) == 2
-    assert "argument --metrics-port: invalid int value: 'abc'" in capsys.readouterr().err
+    assert (
+        "argument --metrics-port: 'abc' is not a whole number"
+        " (from the option or AUDSYNC_METRICS_PORT)" in capsys.readouterr().err
+    )

@@ -72,7 +72,8 @@ def test_loads_a_good_config(tmp_path: Path) -> None:
     assert config.definitions[0].sql == "SELECT 1 AS user_id"  # trailing ; dropped
     assert config.schedule.interval == 4 * 3600
     assert config.schedule.jitter == 1800
-    assert config.state_url == "sqlite:///audsync.db"
+    # The default state DB lives next to the config file, wherever audsync runs.
+    assert config.state_url == f"sqlite:///{tmp_path.resolve() / 'audsync.db'}"
     assert config.gleap.rate_limit == 1000 and config.gleap.rate_window == 60
     assert config.require_token() == "file-token"
 
