@@ -77,7 +77,7 @@ def _first_line(exc: BaseException) -> str:
 
 def open_configured(config: Config, *, upgrade: bool = True) -> Engine:
     """The state DB of ``config``, upgraded to the current schema when ``upgrade``."""
-    _refuse_second_ledger(config)
+    refuse_second_ledger(config)
     return open_state(config.state_url, upgrade=upgrade, busy_timeout=config.state_busy_timeout)
 
 
@@ -103,7 +103,9 @@ def describe_state(config: Config) -> str:
     return safe_url(config.state_url)
 
 
-def _refuse_second_ledger(config: Config) -> None:
+def refuse_second_ledger(config: Config) -> None:
+    """Raise StateMoved when the config's SQLite state DB does not exist but the file
+    its relative path named in older versions (from the working directory) does."""
     # Before relative SQLite paths were taken relative to the config file, they
     # were relative to the working directory. Creating a fresh ledger beside
     # the old one would resend every member to Gleap: refuse, and say how to
@@ -128,7 +130,7 @@ def open_for_reading(config: Config) -> Engine:
     Raises StateError when it does not exist yet or needs ``audsync db upgrade``.
     """
     url = make_url(config.state_url)
-    _refuse_second_ledger(config)
+    refuse_second_ledger(config)
     if not state_db_exists(config):
         raise StateError(
             f"state DB {url.render_as_string(hide_password=True)} does not exist yet:"

@@ -43,7 +43,7 @@ from audsync.plan import (
 from audsync.progress import Progress
 from audsync.prune import prune_and_log
 from audsync.source import first_line, open_source
-from audsync.state import open_configured, open_state
+from audsync.state import open_configured, open_state, refuse_second_ledger
 
 Printer = Callable[[str], None]
 log = logging.getLogger("audsync.sync")
@@ -513,6 +513,7 @@ def _dry_run(
     progress: Progress,
 ) -> SyncOutcome:
     """Plan inside one transaction that is always rolled back: nothing is written, nothing sent."""
+    refuse_second_ledger(config)  # else every audience would show as `initial`
     source = open_source(config.require_source())
     outcome = SyncOutcome()
     with _DryRunState(config.state_url) as state, state.connect() as conn:

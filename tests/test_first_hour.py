@@ -341,7 +341,15 @@ def test_an_older_ledger_in_the_working_directory_is_never_replaced(
     capsys.readouterr()
     clean_env.delenv("AUDSYNC_STATE_URL")
     clean_env.chdir(var)
-    for argv in (["sync"], ["status"], ["history"], ["run", "--once"]):
+    for argv in (
+        ["sync"],
+        ["sync", "--dry-run"],
+        ["check"],
+        ["status"],
+        ["history"],
+        ["forget", "--list"],
+        ["run", "--once"],
+    ):
         code, _, err = run_cli(capsys, "-c", str(path), *argv)
         assert code == 2, (argv, err)
         line = one_error_line(err)
