@@ -121,6 +121,17 @@ def _one_of(
     return check
 
 
+def _progress_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--progress",
+        choices=PROGRESS_CHOICES,
+        type=_one_of("AUDSYNC_PROGRESS", PROGRESS_CHOICES),
+        default=_env_default("AUDSYNC_PROGRESS", "auto"),
+        help="live bars, plain lines every few seconds, or off; auto = bars in a terminal,"
+        " lines otherwise (env AUDSYNC_PROGRESS)",
+    )
+
+
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line, like every other error of audsync."""
 
@@ -191,17 +202,6 @@ def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
         type=_one_of("AUDSYNC_LOG_FORMAT", LOG_FORMATS),
         default=default(_env_default("AUDSYNC_LOG_FORMAT", "human")),
         help="human lines, or one JSON object per line for log shippers (env AUDSYNC_LOG_FORMAT)",
-    )
-
-
-def _progress_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--progress",
-        choices=PROGRESS_CHOICES,
-        type=_one_of("AUDSYNC_PROGRESS", PROGRESS_CHOICES),
-        default=_env_default("AUDSYNC_PROGRESS", "auto"),
-        help="live bars, plain lines every few seconds, or off; auto = bars in a terminal,"
-        " lines otherwise (env AUDSYNC_PROGRESS)",
     )
 
 
@@ -337,7 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="calls per --rate-window before HTTP 429 (0: no limit; default 1000)",
     )
     sandbox.add_argument(
-        "--rate-window", type=_number(float, 0, above=True), default=defaults.DEFAULT_RATE_WINDOW
+        "--rate-window",
+        type=_number(float, 0, above=True),
+        default=defaults.DEFAULT_RATE_WINDOW,
+        help="seconds (default 60)",
     )
     sandbox.add_argument(
         "--fail-ratio",
