@@ -706,7 +706,7 @@ def _check_audience(state: Engine, config: Config, key: str | None) -> None:
     if key not in known:
         raise ConfigError(
             "--audience",
-            repr(key),
+            key,
             "no such audience or trait (known: " + (", ".join(known) or "none yet") + ")",
         )
 

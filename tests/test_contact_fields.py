@@ -102,6 +102,7 @@ def test_every_contact_column_reaches_gleap(
 ) -> None:
     monkeypatch.setenv("AUDSYNC_GLEAP_API_TOKEN", TOKEN)
     source = tmp_path / "empty.db"
+    source.touch()  # a SQLite source must exist: audsync never creates one
     body = f'[[audiences]]\nname = "All"\nsql = """\n{audience_sql()}\n"""\n'
     path = write_config(
         tmp_path,

@@ -582,7 +582,7 @@ def test_history_names_the_known_keys_and_checks_the_limit(
         code, _, err = run_cli(capsys, "-c", str(path), *argv, "--audience", "vip_cutsomers")
         assert code == 2
         assert (
-            "--audience: 'vip_cutsomers': no such audience or trait"
+            "--audience: vip_cutsomers: no such audience or trait"
             " (known: buyers, revenue, vip_customers)" in one_error_line(err)
         )
     for limit in ("0", "-5", "ten"):

@@ -252,7 +252,8 @@ def test_query_without_user_id(
     path, _ = make_config(body='[[traits]]\nname = "T"\nsql = "SELECT id FROM people"\n')
     code, _, err = run_cli(capsys, "-c", str(path), "sync")
     assert code == 1
-    assert "audience 't': the query returns no user_id column (it returns: id)" in err
+    # T is a trait, and the message says so.
+    assert "trait 't': the query returns no user_id column (it returns: id)" in err
 
 
 def test_empty_audience_is_held_and_no_false_is_sent(
