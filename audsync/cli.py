@@ -44,6 +44,7 @@ from audsync.report import duration, jsonable, table
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
+
     from audsync.deliver import DeliveryReport
     from audsync.plan import PlanResult
     from audsync.sync import SyncOutcome
