@@ -57,6 +57,10 @@ ledger = Table(
     Column("user_id", USER, primary_key=True),
     Column("value", Text, nullable=False),
     Column("acked_at", DateTime, nullable=False),
+    # The contact ledger: the contact fields (JSON object) Gleap acknowledged in
+    # calls carrying this key's changes, merged over time; a plan diffs the
+    # query's contact columns against it (docs/design.md, "The contact ledger").
+    Column("contact", Text),
     sqlite_with_rowid=False,
 )
 
@@ -93,6 +97,9 @@ outbox = Table(
     # Set before a call carrying this row goes out: the value may have reached
     # Gleap, so a newer plan must overwrite it, never just withdraw it.
     Column("attempted", Boolean, nullable=False, server_default=false()),
+    # Only contact fields changed: Gleap already holds the value, so the key is
+    # not sent and only the fields that differ from ledger.contact are.
+    Column("contact_only", Boolean, nullable=False, server_default=false()),
     # Led by user_id: the deliverer fetches every pending change of a user.
     PrimaryKeyConstraint("user_id", "audience_key", name="pk_outbox"),
     Index(

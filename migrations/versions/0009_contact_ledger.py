@@ -1,0 +1,38 @@
+"""The contact ledger: what Gleap acknowledged of each user's contact fields, per key.
+
+``ledger.contact`` holds the contact fields (JSON object) Gleap acknowledged in
+calls carrying this audience's, trait's or ``[contacts]``'s changes; a plan
+diffs the query's contact columns against it like a trait's value.
+``outbox.contact_only`` marks a change that carries only contact fields: the
+membership or trait value is what Gleap already holds, so the key is not sent.
+
+Revision ID: 0009
+Revises: 0008
+Create Date: 2026-11-29
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0009"
+down_revision = "0008"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("ledger") as batch:
+        batch.add_column(sa.Column("contact", sa.Text(), nullable=True))
+    with op.batch_alter_table("outbox") as batch:
+        batch.add_column(
+            sa.Column("contact_only", sa.Boolean(), nullable=False, server_default=sa.false())
+        )
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("outbox") as batch:
+        batch.drop_column("contact_only")
+    with op.batch_alter_table("ledger") as batch:
+        batch.drop_column("contact")
