@@ -44,7 +44,11 @@ from audsync.keys import (
 )
 from audsync.query_text import trim_query
 
-Kind = Literal["audience", "trait"]
+Kind = Literal["audience", "trait", "contacts"]
+
+CONTACTS_KEY = "@contacts"
+"""The key of the ``[contacts]`` query: not a valid audience key, so it can never
+clash with one, and never sent to Gleap (its rows carry contact fields only)."""
 
 StoredKeys = Callable[[str, float, Collection[str]], Collection[str]]
 """(state URL, busy timeout, candidate keys) -> those of the keys with ledger rows."""
@@ -147,7 +151,7 @@ class HistoryConfig:
 
 @dataclass(frozen=True)
 class Definition:
-    """One ``[[audiences]]`` or ``[[traits]]`` entry."""
+    """One ``[[audiences]]`` or ``[[traits]]`` entry, or the ``[contacts]`` query."""
 
     kind: Kind
     name: str
@@ -245,6 +249,7 @@ _SECTIONS: dict[str, dict[str, str]] = {
         "lease_ttl": "duration",
     },
     "history": {"keep": "duration"},
+    "contacts": {"sql": "str"},
 }
 _DEFINITION_KEYS = {"name", "key", "sql", "events"}
 
@@ -414,6 +419,9 @@ def parse_config(
 
     notes: list[str] = []
     definitions = _parse_definitions(raw, path, in_ledger, notes)
+    contacts = _parse_contacts(values["contacts"], "contacts" in raw, env, path)
+    if contacts is not None:
+        definitions = (*definitions, contacts)
     return Config(
         path=path,
         source_url=values["source"].get("url"),
@@ -549,6 +557,27 @@ def _coerce(value: Any, kind: str, where: str, key: str) -> Any:
             text = f"{value!r} must be a number"
         raise ConfigError(where, key, text) from None
     raise AssertionError(kind)  # pragma: no cover
+
+
+def _parse_contacts(
+    table: Mapping[str, Any], in_file: bool, env: Mapping[str, str], path: str
+) -> Definition | None:
+    """The optional ``[contacts]`` query: ``user_id`` plus contact columns for every
+    user whose contact fields are kept in step, member of an audience or not."""
+    if not table and not in_file:
+        return None
+    where = "AUDSYNC_CONTACTS_SQL" if env.get("AUDSYNC_CONTACTS_SQL", "") else path
+    sql = table.get("sql")
+    if not isinstance(sql, str) or not sql.strip():
+        raise ConfigError(
+            where, "contacts.sql", "missing or empty ([contacts] needs a query returning user_id)"
+        )
+    return Definition(
+        kind="contacts",
+        name="contacts",
+        key=CONTACTS_KEY,
+        sql=sql.strip().rstrip(";").strip(),
+    )
 
 
 def _key_from_name(
