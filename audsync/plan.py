@@ -20,7 +20,7 @@ from audsync import models
 from audsync.clock import utcnow
 from audsync.config import Definition
 from audsync.source import SnapshotRow, StreamStats, stream_snapshot
-from audsync.values import JSON_FALSE, JSON_NULL
+from audsync.values import JSON_FALSE, JSON_NULL, JSON_TRUE
 
 Mode = Literal["initial", "incremental", "full"]
 
@@ -123,8 +123,35 @@ def credit_runs(
 
 
 def absent_value(definition: Definition) -> str:
-    """What Gleap is told when a user is no longer in the audience / has no trait value."""
+    """What Gleap is told when a user is no longer in the audience / has no trait value.
+
+    The ``[contacts]`` query's own key is never sent, and a user who leaves it is
+    told nothing: its "absent" value is the members' value, so no exit is ever queued.
+    """
+    if definition.kind == "contacts":
+        return JSON_TRUE
     return JSON_FALSE if definition.kind == "audience" else JSON_NULL
+
+
+def distinct(dialect: str) -> str:
+    """SQL's null-safe "differs" operator on ``dialect``."""
+    return "IS NOT" if dialect == "sqlite" else "IS DISTINCT FROM"
+
+
+def contact_news(dialect: str, new: str, old: str) -> str:
+    """SQL: the contact JSON object in column ``new`` holds a field whose value the
+    acknowledged contact in column ``old`` (null = nothing acknowledged) does not.
+
+    A field the query no longer returns is not news: Gleap keeps what it was told.
+    """
+    if dialect == "postgresql":
+        return f"NOT (COALESCE({old}, '{{}}')::jsonb @> {new}::jsonb)"
+    # SQLite's json_each gives each field's type and value (objects as JSON text).
+    return (
+        f"EXISTS (SELECT 1 FROM json_each({new}) n WHERE NOT EXISTS"
+        f" (SELECT 1 FROM json_each(COALESCE({old}, '{{}}')) o"
+        " WHERE o.key = n.key AND o.type = n.type AND o.value IS n.value))"
+    )
 
 
 def sql_hash(definition: Definition) -> str:
@@ -142,6 +169,7 @@ class PlanResult:
     entered: int = 0
     exited: int = 0
     changed: int = 0
+    contact: int = 0  # users whose contact fields alone changed (queued, key not sent)
     reasserted: int = 0
     queued: int = 0
     superseded: int = 0
@@ -211,7 +239,7 @@ def plan_definition(
         # Readers are not blocked; writers wait for this commit. On SQLite this
         # transaction already holds the database's only write lock.
         conn.exec_driver_sql("LOCK TABLE outbox IN SHARE ROW EXCLUSIVE MODE")
-    _fill_changes(conn, key, absent, full=mode == "full")
+    _fill_changes(conn, key, absent, full=mode == "full", keyed=definition.kind != "contacts")
     for kind, count in conn.execute(
         text("SELECT kind, COUNT(*) FROM audsync_changes GROUP BY kind")
     ):
@@ -230,7 +258,11 @@ def plan_definition(
         select(models.audiences.c.members).where(models.audiences.c.key == key)
     ).scalar()
     previous = max(int(held_by_gleap), int(last_plan or 0))
-    result.held = breaker_verdict(previous, result.members, result.exited, max_exit_ratio, force)
+    # [contacts] never tells Gleap anyone left: there is nothing for a breaker to stop.
+    if definition.kind != "contacts":
+        result.held = breaker_verdict(
+            previous, result.members, result.exited, max_exit_ratio, force
+        )
     if result.held:
         return result
 
@@ -243,6 +275,7 @@ def plan_definition(
         "max_attempts": max_attempts,
         "retry": PRIORITY_RETRY,
     }
+    differs = distinct(conn.dialect.name)
     # Pending values a newer plan replaces or no longer needs: credit them to
     # the run that queued them, so every run's counts still add up. Read under
     # the lock above, so these are exactly the rows the statements below replace.
@@ -251,7 +284,8 @@ def plan_definition(
             "SELECT o.run_id, COUNT(*) FROM outbox o"
             " LEFT JOIN audsync_changes c ON c.user_id = o.user_id"
             " WHERE o.audience_key = :k AND o.state = 'pending'"
-            " AND (c.user_id IS NULL OR c.value <> o.value OR :full)"
+            " AND (c.user_id IS NULL OR c.value <> o.value OR :full"
+            f" OR c.contact {differs} o.contact OR c.contact_only <> o.contact_only)"
             " GROUP BY o.run_id"
         ),
         params,
@@ -268,7 +302,8 @@ def plan_definition(
             " AND s.user_id = outbox.user_id), :absent),"
             " contact = (SELECT s.contact FROM snapshot s WHERE s.audience_key = :k"
             " AND s.user_id = outbox.user_id),"
-            " version = version + 1, run_id = :run, priority = 0, queued_at = :now"
+            " version = version + 1, run_id = :run, priority = 0, queued_at = :now,"
+            " contact_only = FALSE"
             " WHERE audience_key = :k AND state = 'pending' AND attempted"
             " AND NOT EXISTS (SELECT 1 FROM audsync_changes c WHERE c.user_id = outbox.user_id)"
             " AND " + NOT_FORGOTTEN.format("outbox.user_id")
@@ -288,13 +323,15 @@ def plan_definition(
     )
     upserted = conn.execute(
         text(
-            "INSERT INTO outbox (audience_key, user_id, value, contact, run_id, version,"
-            " priority, state, attempts, queued_at)"
-            " SELECT :k, c.user_id, c.value, c.contact, :run, 1, :prio, 'pending', 0, :now"
+            "INSERT INTO outbox (audience_key, user_id, value, contact, contact_only, run_id,"
+            " version, priority, state, attempts, queued_at)"
+            " SELECT :k, c.user_id, c.value, c.contact, c.contact_only, :run, 1, :prio,"
+            " 'pending', 0, :now"
             " FROM audsync_changes c WHERE "
             + NOT_FORGOTTEN.format("c.user_id")
             + " ON CONFLICT (user_id, audience_key) DO UPDATE SET"
-            " value = excluded.value, contact = excluded.contact, run_id = excluded.run_id,"
+            " value = excluded.value, contact = excluded.contact,"
+            " contact_only = excluded.contact_only, run_id = excluded.run_id,"
             " version = outbox.version + 1, priority = excluded.priority, state = 'pending',"
             # Rejections in a row count whatever the value does: only an
             # acknowledgement, retry-failed or --full start them over, and a
@@ -302,7 +339,10 @@ def plan_definition(
             " attempts = CASE WHEN :full THEN 0 ELSE outbox.attempts END,"
             " queued_at = excluded.queued_at"
             " WHERE :full OR (outbox.state = 'pending' AND (outbox.value <> excluded.value"
-            " OR outbox.priority = :retry))"
+            " OR outbox.priority = :retry"
+            # The superseded count above reads the same conditions.
+            f" OR outbox.contact {differs} excluded.contact"
+            " OR outbox.contact_only <> excluded.contact_only))"
         ),
         params,
     )
@@ -379,6 +419,14 @@ def _queue_first_plan(
         ).scalar_one()
     )
     result.entered = result.queued = result.members
+    if definition.kind == "contacts":
+        # [contacts] has nothing to tell about a user without contact fields.
+        empty = conn.execute(
+            delete(models.outbox).where(
+                o.audience_key == key, o.run_id == run_id, o.contact.is_(None)
+            )
+        ).rowcount
+        result.entered = result.queued = result.members - int(empty)
     _record_audience(conn, definition, result.members)
     drop_forgotten(conn, key)
 
@@ -665,21 +713,25 @@ def _insert_rows(
         stats.duplicate_ids += len(rows) - cursor.rowcount
 
 
-def _fill_changes(conn: Connection, key: str, absent: str, *, full: bool) -> None:
+def _fill_changes(
+    conn: Connection, key: str, absent: str, *, full: bool, keyed: bool = True
+) -> None:
     """Materialise this plan's changes as ``audsync_changes`` (a temp table).
 
     kind: entered (new member / new trait holder), changed (trait value moved),
-    exited (left: ``absent`` is sent), reasserted (full resync of an unchanged value).
+    exited (left: ``absent`` is sent), reasserted (full resync of an unchanged value),
+    contact (only contact fields differ from the contact ledger: ``contact_only``).
+    ``keyed`` is false for ``[contacts]``: no exits, and no row without contact fields.
     """
     # PostgreSQL keeps a temp table per connection: empty it at every commit.
     on_commit = "" if conn.dialect.name == "sqlite" else " ON COMMIT DELETE ROWS"
     conn.exec_driver_sql(
         "CREATE TEMP TABLE IF NOT EXISTS audsync_changes"
-        " (user_id TEXT PRIMARY KEY, value TEXT NOT NULL, contact TEXT, kind TEXT NOT NULL)"
-        + on_commit
+        " (user_id TEXT PRIMARY KEY, value TEXT NOT NULL, contact TEXT, kind TEXT NOT NULL,"
+        " contact_only BOOLEAN NOT NULL DEFAULT FALSE)" + on_commit
     )
     conn.exec_driver_sql("DELETE FROM audsync_changes")
-    params = {"k": key, "absent": absent, "full": full}
+    params = {"k": key, "absent": absent, "full": full, "keyed": keyed}
     conn.execute(
         text(
             "INSERT INTO audsync_changes (user_id, value, contact, kind)"
@@ -689,10 +741,31 @@ def _fill_changes(conn: Connection, key: str, absent: str, *, full: bool) -> Non
             " FROM snapshot s LEFT JOIN ledger l"
             " ON l.audience_key = s.audience_key AND l.user_id = s.user_id"
             " WHERE s.audience_key = :k AND (:full OR l.value IS NULL OR l.value <> s.value)"
+            " AND (:keyed OR s.contact IS NOT NULL)"
             " AND " + NOT_FORGOTTEN.format("s.user_id")
         ),
         params,
     )
+    if not full:
+        # The value Gleap holds is right, but a contact field moved: diffed
+        # like a trait, against what Gleap acknowledged (ledger.contact).
+        conn.execute(
+            text(
+                "INSERT INTO audsync_changes (user_id, value, contact, kind, contact_only)"
+                " SELECT s.user_id, s.value, s.contact, 'contact', TRUE"
+                " FROM snapshot s JOIN ledger l"
+                " ON l.audience_key = s.audience_key AND l.user_id = s.user_id"
+                " WHERE s.audience_key = :k AND l.value = s.value AND s.contact IS NOT NULL"
+                # Text equality first: the field-wise look runs only where text differs.
+                " AND (l.contact IS NULL OR l.contact <> s.contact) AND "
+                + contact_news(conn.dialect.name, "s.contact", "l.contact")
+                + " AND "
+                + NOT_FORGOTTEN.format("s.user_id")
+            ),
+            params,
+        )
+    if not keyed:
+        return
     conn.execute(
         text(
             "INSERT INTO audsync_changes (user_id, value, contact, kind)"
