@@ -33,7 +33,7 @@ from sqlalchemy import (
 
 from audsync import models
 from audsync.clock import utcnow
-from audsync.config import Kind
+from audsync.config import CONTACTS_KEY, Kind
 from audsync.contact import INVALID_MARK
 from audsync.defaults import (
     DEFAULT_CONCURRENCY,
@@ -67,6 +67,7 @@ from audsync.plan import (
     credit_runs,
     withdraw,
 )
+from audsync.values import dumps
 
 ACK_BATCH = 64
 """Call results committed per acknowledging transaction, at most."""
@@ -101,6 +102,32 @@ class Change:
     version: int
     queued_at: Any = None
     last_status: int | None = None  # set once Gleap rejected this row (a known rejection)
+    contact_only: bool = False  # Gleap holds the value: send only the contact fields that moved
+    acked_contact: str | None = None  # ledger.contact: what Gleap acknowledged of them
+
+    @property
+    def keyed(self) -> bool:
+        """Whether the call carries this change's key (``[contacts]``' key is never sent)."""
+        return not self.contact_only and self.audience_key != CONTACTS_KEY
+
+    def contact_to_send(self) -> dict[str, Any]:
+        """The contact fields this change puts in the call: all of them with a value
+        change, otherwise only those that differ from what Gleap acknowledged."""
+        if not self.contact:
+            return {}
+        contact: dict[str, Any] = json.loads(self.contact)
+        if not self.contact_only or INVALID_MARK in contact:
+            return contact
+        told = json.loads(self.acked_contact) if self.acked_contact else {}
+        return {f: v for f, v in contact.items() if f not in told or told[f] != v}
+
+    def contact_after_ack(self) -> str | None:
+        """ledger.contact once Gleap acknowledges this change: what it held, updated
+        with what this change told it (a field the query dropped stays as Gleap has it)."""
+        if not self.contact:
+            return self.acked_contact
+        told = json.loads(self.acked_contact) if self.acked_contact else {}
+        return dumps({**told, **json.loads(self.contact)})
 
 
 @dataclass
@@ -185,7 +212,7 @@ def pending_user_count(conn: Connection) -> int:
 def pending_changes(conn: Connection, users: list[str]) -> dict[str, list[Change]]:
     """Every pending change of ``users``, across all audiences and traits."""
     by_user: dict[str, list[Change]] = {u: [] for u in users}
-    o = models.outbox.c
+    o, lg = models.outbox.c, models.ledger.c
     rows = conn.execute(
         select(
             o.audience_key,
@@ -196,6 +223,14 @@ def pending_changes(conn: Connection, users: list[str]) -> dict[str, list[Change
             o.version,
             o.queued_at,
             o.last_status,
+            o.contact_only,
+            lg.contact.label("acked_contact"),
+        )
+        .select_from(
+            models.outbox.outerjoin(
+                models.ledger,
+                (lg.audience_key == o.audience_key) & (lg.user_id == o.user_id),
+            )
         )
         .where(
             o.state == "pending",
@@ -206,7 +241,20 @@ def pending_changes(conn: Connection, users: list[str]) -> dict[str, list[Change
         {"users": users},
     )
     for row in rows:
-        by_user[row.user_id].append(Change(*row))
+        by_user[row.user_id].append(
+            Change(
+                row.audience_key,
+                row.user_id,
+                row.value,
+                row.contact,
+                row.run_id,
+                row.version,
+                row.queued_at,
+                row.last_status,
+                bool(row.contact_only),
+                row.acked_contact,
+            )
+        )
     return {u: c for u, c in by_user.items() if c}
 
 
@@ -242,17 +290,24 @@ def unsendable(changes: list[Change]) -> tuple[list[Change], list[tuple[Change, 
 def plan_calls(user_id: str, changes: list[Change]) -> list[tuple[dict[str, Any], list[Change]]]:
     """The Identify bodies for one user's changes, each with the changes it carries.
 
+    A change that sends no key (contact fields only) is carried by the last body:
+    when Gleap acknowledges it, every body before it was acknowledged too. When
+    no change has anything left to tell Gleap (the contact fields that moved were
+    acknowledged meanwhile), there is no call: an empty list.
     Raises PayloadError when the user's contact data cannot be sent (see
     :func:`unsendable` to set such changes apart first).
     """
-    contacts = [json.loads(c.contact) for c in changes if c.contact]
-    values = [(c.audience_key, json.loads(c.value)) for c in changes]
+    contacts = [sent for c in changes if (sent := c.contact_to_send())]
+    values = [(c.audience_key, json.loads(c.value)) for c in changes if c.keyed]
+    if not values and not contacts:
+        return []
     bodies = identify_bodies(user_id, values, contacts)
-    by_key = {c.audience_key: c for c in changes}
+    by_key = {c.audience_key: c for c in changes if c.keyed}
     calls = []
     for body in bodies:
         carried = [by_key[k] for k in body if k in by_key]
         calls.append((body, carried))
+    calls[-1][1].extend(c for c in changes if not c.keyed)
     return calls
 
 
@@ -319,6 +374,9 @@ def deliver(
             results.append(
                 CallResult(changes, ok=False, status=None, reason=f"not sendable: {exc}")
             )
+            return results
+        if not calls:  # nothing left to tell: settled without a call (attempts 0)
+            results.append(CallResult(changes, ok=True))
             return results
         for body, carried in calls:
             # A call about a forgotten user never starts; one already sent is
@@ -505,7 +563,7 @@ def deliver(
                     halt.set()
                     continue
                 unacked.add(user_id)
-                if any(r.ok for r in results) and not outage:
+                if any(r.ok and r.attempts for r in results) and not outage:
                     # Gleap works: what it rejected since its last acknowledgement
                     # was those users. Rejections stay held between acknowledgements,
                     # so a Gleap that starts rejecting everything mid-drain is an
@@ -659,10 +717,11 @@ def _queue_transition_event(conn: Connection, kind: Kind, change: Change, now: A
 
 
 _UPSERT_LEDGER = text(
-    "INSERT INTO ledger (audience_key, user_id, value, acked_at)"
-    " VALUES (:audience_key, :user_id, :value, :acked_at)"
+    "INSERT INTO ledger (audience_key, user_id, value, contact, acked_at)"
+    " VALUES (:audience_key, :user_id, :value, :contact, :acked_at)"
     " ON CONFLICT (audience_key, user_id)"
-    " DO UPDATE SET value = excluded.value, acked_at = excluded.acked_at"
+    " DO UPDATE SET value = excluded.value, contact = excluded.contact,"
+    " acked_at = excluded.acked_at"
 )
 
 
@@ -681,6 +740,7 @@ def _ack_all(conn: Connection, changes: list[Change], now: Any) -> list[Change]:
                 "audience_key": c.audience_key,
                 "user_id": c.user_id,
                 "value": c.value,
+                "contact": c.contact_after_ack(),
                 "acked_at": now,
             }
             for c in changes
