@@ -734,36 +734,25 @@ def _fill_changes(
     params = {"k": key, "absent": absent, "full": full, "keyed": keyed}
     conn.execute(
         text(
-            "INSERT INTO audsync_changes (user_id, value, contact, kind)"
+            "INSERT INTO audsync_changes (user_id, value, contact, kind, contact_only)"
             " SELECT s.user_id, s.value, s.contact,"
-            " CASE WHEN l.value IS NULL OR l.value = :absent THEN 'entered'"
-            " WHEN l.value = s.value THEN 'reasserted' ELSE 'changed' END"
+            " CASE WHEN l.value IS NULL THEN 'entered'"
+            " WHEN l.value = s.value THEN CASE WHEN :full THEN 'reasserted' ELSE 'contact' END"
+            " WHEN l.value = :absent THEN 'entered' ELSE 'changed' END,"
+            " NOT :full AND l.value IS NOT NULL AND l.value = s.value"
             " FROM snapshot s LEFT JOIN ledger l"
             " ON l.audience_key = s.audience_key AND l.user_id = s.user_id"
-            " WHERE s.audience_key = :k AND (:full OR l.value IS NULL OR l.value <> s.value)"
+            " WHERE s.audience_key = :k AND (:full OR l.value IS NULL OR l.value <> s.value"
+            # The value Gleap holds is right, but a contact field moved: diffed like
+            # a trait, against what Gleap acknowledged (ledger.contact), in the same
+            # pass. Text equality first: the field-wise look runs only where it differs.
+            " OR (s.contact IS NOT NULL AND (l.contact IS NULL OR l.contact <> s.contact)"
+            " AND " + contact_news(conn.dialect.name, "s.contact", "l.contact") + "))"
             " AND (:keyed OR s.contact IS NOT NULL)"
             " AND " + NOT_FORGOTTEN.format("s.user_id")
         ),
         params,
     )
-    if not full:
-        # The value Gleap holds is right, but a contact field moved: diffed
-        # like a trait, against what Gleap acknowledged (ledger.contact).
-        conn.execute(
-            text(
-                "INSERT INTO audsync_changes (user_id, value, contact, kind, contact_only)"
-                " SELECT s.user_id, s.value, s.contact, 'contact', TRUE"
-                " FROM snapshot s JOIN ledger l"
-                " ON l.audience_key = s.audience_key AND l.user_id = s.user_id"
-                " WHERE s.audience_key = :k AND l.value = s.value AND s.contact IS NOT NULL"
-                # Text equality first: the field-wise look runs only where text differs.
-                " AND (l.contact IS NULL OR l.contact <> s.contact) AND "
-                + contact_news(conn.dialect.name, "s.contact", "l.contact")
-                + " AND "
-                + NOT_FORGOTTEN.format("s.user_id")
-            ),
-            params,
-        )
     if not keyed:
         return
     conn.execute(
