@@ -143,15 +143,29 @@ def contact_news(dialect: str, new: str, old: str) -> str:
     acknowledged contact in column ``old`` (null = nothing acknowledged) does not.
 
     A field the query no longer returns is not news: Gleap keeps what it was told.
+    A contact holding a NUL (``\\u0000``), new or acknowledged, is news whenever
+    its text differs: jsonb and PostgreSQL's json functions refuse it, SQLite's cut
+    the string there; the deliverer's own diff then sends only what really moved.
     """
     if dialect == "postgresql":
-        return f"NOT (COALESCE({old}, '{{}}')::jsonb @> {new}::jsonb)"
-    # SQLite's json_each gives each field's type and value (objects as JSON text).
-    return (
-        f"EXISTS (SELECT 1 FROM json_each({new}) n WHERE NOT EXISTS"
-        f" (SELECT 1 FROM json_each(COALESCE({old}, '{{}}')) o"
-        " WHERE o.key = n.key AND o.type = n.type AND o.value IS n.value))"
-    )
+        # Both sides are canonical JSON (values.dumps), so a field's JSON text is
+        # equal exactly when its value is.
+        fields = (
+            f"EXISTS (SELECT 1 FROM json_each({new}::json) n WHERE NOT EXISTS"
+            f" (SELECT 1 FROM json_each(COALESCE({old}, '{{}}')::json) o"
+            " WHERE o.key = n.key AND o.value::text = n.value::text))"
+        )
+        has_nul = "strpos({0}, '\\u0000') > 0 OR strpos(COALESCE({1}, ''), '\\u0000') > 0"
+    else:
+        # json_each gives each field's type and value (objects as JSON text).
+        fields = (
+            f"EXISTS (SELECT 1 FROM json_each({new}) n WHERE NOT EXISTS"
+            f" (SELECT 1 FROM json_each(COALESCE({old}, '{{}}')) o"
+            " WHERE o.key = n.key AND o.type = n.type AND o.value IS n.value))"
+        )
+        has_nul = "instr({0}, '\\u0000') > 0 OR instr(COALESCE({1}, ''), '\\u0000') > 0"
+    # CASE, not OR: the NUL test must run first, on both databases.
+    return f"(CASE WHEN {has_nul.format(new, old)} THEN TRUE ELSE {fields} END)"
 
 
 def sql_hash(definition: Definition) -> str:
