@@ -155,6 +155,36 @@ def test_a_field_the_query_drops_is_not_sent_and_a_null_custom_column_is(
     assert (gleap.contact("1") or {})["email"] == "p1@example.com"
 
 
+def test_text_gleap_can_hold_but_json_types_might_not_is_compared_exactly(
+    make_config: Any,
+    gleap: RecordingSandbox,
+    warehouse: Warehouse,
+    state_url: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A NUL inside a custom attribute (PostgreSQL's jsonb refuses it), a number
+    that is text in one run and a number in the next: each is a change, once."""
+    warehouse.add(1, vip=True)
+    body = VIP.replace("last_name FROM", "last_name, note FROM")
+    warehouse.execute("ALTER TABLE people ADD COLUMN note")
+    warehouse.execute("UPDATE people SET note = 'a' || char(0) || 'b'")
+    path, _ = make_config(body=body)
+    sync(capsys, path)
+    assert gleap.identifies()[0]["note"] == "a\x00b"
+    warehouse.execute("UPDATE people SET note = 'a' || char(0) || 'c'")
+    sync(capsys, path)
+    assert gleap.identifies() == [{"userId": "1", "note": "a\x00c"}]
+    warehouse.execute("UPDATE people SET note = '5'")
+    sync(capsys, path)
+    assert gleap.identifies() == [{"userId": "1", "note": "5"}]
+    warehouse.execute("UPDATE people SET note = 5")
+    sync(capsys, path)
+    assert gleap.identifies() == [{"userId": "1", "note": 5}]
+    sync(capsys, path)
+    assert gleap.identifies() == []
+    assert_counts_add_up(state_url)
+
+
 def test_a_membership_change_and_a_contact_change_share_one_call(
     make_config: Any,
     gleap: RecordingSandbox,
@@ -218,6 +248,14 @@ def test_contacts_query_keeps_users_outside_every_audience_in_step(
     assert_counts_add_up(state_url)
     code, out, _ = run_cli(capsys, "-c", str(path), "sync", CONTACTS_KEY, "--dry-run")
     assert code == 0 and CONTACTS_KEY in out
+    code, out, _ = run_cli(capsys, "-c", str(path), "status", "--json")
+    assert code == 0
+    assert CONTACTS_KEY in out and '"contacts"' in out
+    code, out, _ = run_cli(capsys, "-c", str(path), "history")
+    assert code == 0 and CONTACTS_KEY in out
+    report = path.parent / "report.html"
+    assert run_cli(capsys, "-c", str(path), "report", "--html", str(report))[0] == 0
+    assert CONTACTS_KEY in report.read_text(encoding="utf-8")
 
 
 def test_full_resync_reasserts_contacts_without_the_contacts_key(
