@@ -492,3 +492,42 @@ def test_contacts_query_without_user_id_fails_its_plan(
     code, _out, err = run_cli(capsys, "-c", str(path), "check")
     assert code != 0
     assert "@contacts" in err and "user_id" in err, err
+
+
+def test_an_upgraded_state_db_sends_only_contacts_that_move_from_then_on(
+    make_config: Any,
+    gleap: RecordingSandbox,
+    warehouse: Warehouse,
+    state_url: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Migration 0009 starts each ledger row's contact from the last plan's: an
+    upgrade is not one call per member re-sending every contact."""
+    from alembic import command
+
+    from audsync import migrate
+
+    for i in (1, 2, 3):
+        warehouse.add(i, vip=True)
+    path, _ = make_config(body=VIP)
+    sync(capsys, path)
+    gleap.identifies()
+    engine = open_state(state_url)
+    try:
+        cfg = migrate._alembic_config()
+        with engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.downgrade(cfg, "0008")  # the state DB as audsync left it before 0009
+        assert migrate.current_revision(engine) == "0008"
+    finally:
+        engine.dispose()
+    open_state(state_url).dispose()  # upgrades to the head
+    assert contact_ledger(state_url)[("vip_customers", "2")] == {
+        "email": "p2@example.com",
+        "name": "P2",
+    }
+    sync(capsys, path)
+    assert gleap.identifies() == []
+    warehouse.execute("UPDATE people SET email = 'z@example.com' WHERE id = 2")
+    sync(capsys, path)
+    assert gleap.identifies() == [{"userId": "2", "email": "z@example.com"}]

@@ -6,6 +6,11 @@ diffs the query's contact columns against it like a trait's value.
 ``outbox.contact_only`` marks a change that carries only contact fields: the
 membership or trait value is what Gleap already holds, so the key is not sent.
 
+Existing ledger rows start from the contact the last plan saw with the same value
+(``snapshot.contact``): the contact that rode along when that value was sent. An
+upgrade then sends only contact fields that move from here on, not every member's
+contact at once; ``sync --full`` re-asserts everything, contacts included.
+
 Revision ID: 0009
 Revises: 0008
 Create Date: 2026-11-29
@@ -29,6 +34,11 @@ def upgrade() -> None:
         batch.add_column(
             sa.Column("contact_only", sa.Boolean(), nullable=False, server_default=sa.false())
         )
+    op.execute(
+        "UPDATE ledger SET contact = (SELECT s.contact FROM snapshot s"
+        " WHERE s.audience_key = ledger.audience_key AND s.user_id = ledger.user_id"
+        " AND s.value = ledger.value)"
+    )
 
 
 def downgrade() -> None:
