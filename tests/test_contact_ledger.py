@@ -218,6 +218,8 @@ def test_contacts_query_keeps_users_outside_every_audience_in_step(
 ) -> None:
     warehouse.add(1, vip=True)
     warehouse.add(2)  # in no audience: only [contacts] knows them
+    warehouse.add(3)  # ... with no contact field at all: nothing to tell
+    warehouse.execute("UPDATE people SET email = NULL, first_name = NULL WHERE id = 3")
     path, config = make_config(body=VIP + CONTACTS)
     assert config.definitions[-1].key == CONTACTS_KEY
     sync(capsys, path)
@@ -511,6 +513,7 @@ def test_an_upgraded_state_db_sends_only_contacts_that_move_from_then_on(
         warehouse.add(i, vip=True)
     path, _ = make_config(body=VIP)
     sync(capsys, path)
+    sync(capsys, path)  # a first plan writes no snapshot; the second one does
     gleap.identifies()
     engine = open_state(state_url)
     try:

@@ -9,7 +9,9 @@ membership or trait value is what Gleap already holds, so the key is not sent.
 Existing ledger rows start from the contact the last plan saw with the same value
 (``snapshot.contact``): the contact that rode along when that value was sent. An
 upgrade then sends only contact fields that move from here on, not every member's
-contact at once; ``sync --full`` re-asserts everything, contacts included.
+contact at once; ``sync --full`` re-asserts everything, contacts included. (An
+audience whose only plan so far was its first has no snapshot: its members'
+contacts are sent once, with the next plan.)
 
 Revision ID: 0009
 Revises: 0008
