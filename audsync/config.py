@@ -568,7 +568,9 @@ def _parse_contacts(
         return None
     where = "AUDSYNC_CONTACTS_SQL" if env.get("AUDSYNC_CONTACTS_SQL", "") else path
     sql = table.get("sql")
-    if not isinstance(sql, str) or not sql.strip():
+    if isinstance(sql, str):
+        sql = trim_query(sql)  # a pasted query's trailing semicolons and comments
+    if not isinstance(sql, str) or not sql:
         raise ConfigError(
             where, "contacts.sql", "missing or empty ([contacts] needs a query returning user_id)"
         )
@@ -576,7 +578,7 @@ def _parse_contacts(
         kind="contacts",
         name="contacts",
         key=CONTACTS_KEY,
-        sql=sql.strip().rstrip(";").strip(),
+        sql=sql,
     )
 
 

@@ -474,7 +474,8 @@ def test_contacts_sql_from_the_environment(tmp_path: Path) -> None:
     path = write_config(
         tmp_path, base_url="http://x", source_url="sqlite://", state_url="sqlite://"
     )
-    config = load_config(str(path), env={"AUDSYNC_CONTACTS_SQL": "SELECT 1 AS user_id;"})
+    pasted = "SELECT 1 AS user_id; -- from the console\n"
+    config = load_config(str(path), env={"AUDSYNC_CONTACTS_SQL": pasted})
     contacts = [d for d in config.definitions if d.kind == "contacts"]
     assert [(d.key, d.sql) for d in contacts] == [(CONTACTS_KEY, "SELECT 1 AS user_id")]
     assert [d.key for d in load_config(str(path), env={}).definitions] == [
