@@ -19,6 +19,7 @@ from sqlalchemy import Connection, Engine, delete, func, insert, select, text, u
 from audsync import models
 from audsync.clock import utcnow
 from audsync.config import Definition
+from audsync.plan_in_db import Target, load_in_database
 from audsync.source import SnapshotRow, StreamStats, stream_snapshot
 from audsync.values import JSON_FALSE, JSON_NULL, JSON_TRUE
 
@@ -209,6 +210,7 @@ def plan_definition(
     on_rows: Callable[[int], None] | None = None,
     keys: Mapping[str, str] | None = None,
     dry_run: bool = False,
+    in_database: bool = True,
 ) -> PlanResult:
     """Snapshot ``definition``'s query and queue its changes, inside ``conn``'s transaction.
 
@@ -222,6 +224,10 @@ def plan_definition(
     snapshot: the next plan writes it). With ``dry_run`` (the caller rolls back)
     a first plan loads only the snapshot and counts; ``result.counted_only``
     then says its members were not queued (``dry_run_calls`` adds them).
+
+    With ``in_database`` (``[sync] in_database = auto``) the rows are loaded by
+    one INSERT ... SELECT inside the state DB when the source is the same
+    database (:mod:`audsync.plan_in_db`); otherwise they are streamed.
     """
     key = definition.key
     absent = absent_value(definition)
@@ -234,14 +240,19 @@ def plan_definition(
     if mode == "initial" and not _has_outbox_rows(conn, key):
         # First sync and nothing queued: every member is a change.
         if dry_run:
-            _count_first_plan(conn, source, definition, result, chunk_size, stop, on_rows, keys)
+            _count_first_plan(
+                conn, source, definition, result, chunk_size, stop, on_rows, keys, in_database
+            )
         else:
             _queue_first_plan(
-                conn, source, definition, result, run_id, chunk_size, stop, on_rows, keys
+                conn, source, definition, result, run_id, chunk_size, stop, on_rows, keys,
+                in_database,
             )
         return result
 
-    load_snapshot(conn, source, definition, chunk_size, result.stats, stop, on_rows, keys)
+    load_snapshot(
+        conn, source, definition, chunk_size, result.stats, stop, on_rows, keys, in_database
+    )
     _drop_suppressed_from_snapshot(conn, key)
     result.members = _snapshot_members(conn, key)
 
@@ -405,6 +416,7 @@ def _queue_first_plan(
     stop: Callable[[], bool] | None,
     on_rows: Callable[[int], None] | None,
     keys: Mapping[str, str] | None,
+    in_database: bool,
 ) -> None:
     """A first plan with nothing queued: stream the members straight into the outbox.
 
@@ -416,7 +428,10 @@ def _queue_first_plan(
     key = definition.key
     conn.execute(delete(models.snapshot).where(models.snapshot.c.audience_key == key))
     target = outbox_target(key, run_id, PRIORITY_BACKFILL, utcnow())
-    load_rows(conn, target, source, definition, chunk_size, result.stats, stop, on_rows, keys)
+    load_rows(
+        conn, target, source, definition, chunk_size, result.stats, stop, on_rows, keys,
+        in_database,
+    )
     # Forgotten users never come back through a query (audsync forget): these
     # rows were never pending for anyone else, so there is nothing to credit.
     conn.execute(
@@ -454,10 +469,13 @@ def _count_first_plan(
     stop: Callable[[], bool] | None,
     on_rows: Callable[[int], None] | None,
     keys: Mapping[str, str] | None,
+    in_database: bool,
 ) -> None:
     """A dry run's first plan: load the snapshot (to count distinct, storable,
     unforgotten ids exactly as a real plan would) and queue nothing."""
-    load_snapshot(conn, source, definition, chunk_size, result.stats, stop, on_rows, keys)
+    load_snapshot(
+        conn, source, definition, chunk_size, result.stats, stop, on_rows, keys, in_database
+    )
     _drop_suppressed_from_snapshot(conn, definition.key)
     result.members = _snapshot_members(conn, definition.key)
     result.entered = result.queued = result.members
@@ -623,12 +641,13 @@ def load_snapshot(
     stop: Callable[[], bool] | None = None,
     on_rows: Callable[[int], None] | None = None,
     keys: Mapping[str, str] | None = None,
+    in_database: bool = True,
 ) -> None:
     """Replace the audience's snapshot with the query's current result."""
     conn.execute(delete(models.snapshot).where(models.snapshot.c.audience_key == definition.key))
     load_rows(
         conn, LoadTarget("snapshot", definition.key), source, definition, chunk_size, stats,
-        stop, on_rows, keys,
+        stop, on_rows, keys, in_database,
     )
 
 
@@ -642,8 +661,16 @@ def load_rows(
     stop: Callable[[], bool] | None = None,
     on_rows: Callable[[int], None] | None = None,
     keys: Mapping[str, str] | None = None,
+    in_database: bool = True,
 ) -> None:
-    """Stream the query's rows into ``target``: COPY on PostgreSQL, executemany elsewhere."""
+    """Load the query's rows into ``target``: inside the database when the source is
+    the state DB (and ``in_database``), else streamed — COPY on PostgreSQL,
+    executemany elsewhere."""
+    if in_database and load_in_database(
+        conn, source, definition, Target(target.table, target.key, target.extra), stats,
+        stop=stop, on_rows=on_rows, keys=keys,
+    ):
+        return
     rows = stream_snapshot(source, definition, chunk_size, stats, stop, keys)
     chunks = _reported(rows, stats, on_rows)
     if conn.dialect.name == "postgresql":

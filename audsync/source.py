@@ -55,6 +55,7 @@ class StreamStats:
     invalid_ids: int = 0
     invalid_by_reason: dict[str, tuple[int, str]] = field(default_factory=dict)
     columns: list[str] = field(default_factory=list)
+    in_database: bool = False  # loaded by one INSERT ... SELECT in the state DB (plan_in_db)
 
     def invalid(self, reason: str, user_id: str) -> None:
         """Count one row skipped because its id ``user_id`` cannot be stored."""
