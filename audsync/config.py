@@ -140,6 +140,9 @@ class SyncConfig:
     max_exit_ratio: float = defaults.DEFAULT_MAX_EXIT_RATIO
     chunk_size: int = defaults.DEFAULT_CHUNK_SIZE
     lease_ttl: float = defaults.DEFAULT_LEASE_TTL
+    # "auto": plan inside the database when the source is the state DB's own
+    # PostgreSQL database (audsync.plan_in_db); "off": always stream the rows.
+    in_database: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -247,6 +250,7 @@ _SECTIONS: dict[str, dict[str, str]] = {
         "max_exit_ratio": "ratio",
         "chunk_size": "posint",
         "lease_ttl": "duration",
+        "in_database": "in_database",
     },
     "history": {"keep": "duration"},
     "contacts": {"sql": "str"},
@@ -542,6 +546,11 @@ def _coerce(value: Any, kind: str, where: str, key: str) -> Any:
             if number > most:
                 raise ValueError(f"{value!r} must be at most {most}")
             return number
+        if kind == "in_database":
+            choice = str(value).strip().lower() if isinstance(value, str) else value
+            if choice not in ("auto", "off"):
+                raise ValueError(f"{value!r} must be 'auto' or 'off'")
+            return choice
         if kind == "ratio":
             if isinstance(value, bool):
                 raise ValueError(f"{value!r} must be a number")

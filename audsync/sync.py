@@ -362,6 +362,7 @@ def _plan_one(
                 stop=stop,
                 on_rows=on_rows,
                 keys=config.key_kinds(),
+                in_database=config.sync.in_database == "auto",
             )
         except SourceError as exc:
             progress.finish("querying")
@@ -534,6 +535,7 @@ def _dry_run(
                         on_rows=_query_progress(progress, definition.key, None),
                         keys=config.key_kinds(),
                         dry_run=True,
+                        in_database=config.sync.in_database == "auto",
                     )
                 except SourceError as exc:
                     outcome.errors.append(str(exc))

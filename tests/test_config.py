@@ -211,6 +211,8 @@ BAD_VALUES: list[tuple[str, str, str, str]] = [
     ("sync.lease_ttl", "0", "sync.lease_ttl", "at least 1s"),
     ("sync.lease_ttl", '"500ms"', "sync.lease_ttl", "at least 1s"),
     ("sync.chunk_size", "0", "sync.chunk_size", "must be positive"),
+    ("sync.in_database", '"sometimes"', "sync.in_database", "must be 'auto' or 'off'"),
+    ("sync.in_database", "true", "sync.in_database", "must be 'auto' or 'off'"),
     ("sync.max_attempts", "0", "sync.max_attempts", "must be positive"),
     ("sync.max_exit_ratio", "0", "sync.max_exit_ratio", "(0, 1]"),
     ("sync.max_exit_ratio", "true", "sync.max_exit_ratio", "must be a number"),
@@ -283,6 +285,7 @@ ENV_BAD: list[tuple[str, str, str]] = [
     ("AUDSYNC_GLEAP_TIMEOUT", "0s", "gleap.timeout"),
     ("AUDSYNC_GLEAP_RATE_LIMIT", "0", "gleap.rate_limit"),
     ("AUDSYNC_SYNC_LEASE_TTL", "0.2", "sync.lease_ttl"),
+    ("AUDSYNC_SYNC_IN_DATABASE", "on", "sync.in_database"),
     ("AUDSYNC_GLEAP_API_TOKEN", "TOKSECRET\ninner", "gleap.api_token"),
     ("AUDSYNC_ALERTS_WEBHOOK_URL", "https://hooks.example.com/\rHOOKSECRET", "alerts.webhook_url"),
     ("AUDSYNC_STATE_URL", "no url at all", "state.url"),
@@ -344,3 +347,12 @@ def test_smallest_values_that_work_are_accepted(
     }.get(section)
     held = config.state_busy_timeout if section == "state" else getattr(found, name)
     assert held == pytest.approx(seconds)
+
+
+def test_in_database_defaults_to_auto_and_is_settable_from_file_and_env(tmp_path: Path) -> None:
+    """Issue 15: [sync] in_database = auto|off, overridden by AUDSYNC_SYNC_IN_DATABASE."""
+    assert load_config(write(tmp_path, MINIMAL), env={}).sync.in_database == "auto"
+    path = write(tmp_path, _toml("sync.in_database", '"OFF"'))
+    assert load_config(path, env={}).sync.in_database == "off"
+    env = {"AUDSYNC_SYNC_IN_DATABASE": "auto"}
+    assert load_config(path, env=env).sync.in_database == "auto"

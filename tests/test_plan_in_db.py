@@ -239,3 +239,27 @@ def test_another_database_streams(
     other.dispose()
     assert not stats.in_database and found["written"]["outbox"] == [("1", "true", None)]
     assert any("another database" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("setting", ["auto", "off"])
+def test_sync_in_database_setting(
+    same_db: tuple[Engine, Engine], caplog: pytest.LogCaptureFixture, setting: str
+) -> None:
+    """`[sync] in_database = off` streams even when the source is the state DB."""
+    from audsync.config import Config, SyncConfig
+    from audsync.sync import run_sync
+
+    state, source = same_db
+    definition = DEFINITIONS[0]
+    config = Config(
+        path="test",
+        source_url=source.url.render_as_string(hide_password=False),
+        state_url=state.url.render_as_string(hide_password=False),
+        sync=SyncConfig(in_database=setting),
+        definitions=(definition,),
+    )
+    with caplog.at_level(logging.INFO, logger="audsync.plan"):
+        outcome = run_sync(config, dry_run=True)
+    assert not outcome.errors and outcome.dry_run_calls == 5
+    inside = [r for r in caplog.records if "planned inside the database" in r.getMessage()]
+    assert len(inside) == (1 if setting == "auto" else 0)
