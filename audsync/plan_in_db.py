@@ -79,6 +79,11 @@ _FLOAT_PLAIN = "(abs({x}) >= 1e-4 AND abs({x}) < 1e15)"
 _ISO = """'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'"""
 
 
+WORK_MEM = "256MB"
+"""PostgreSQL's work_mem for the load's statement: its sort of a few million ids
+stays in memory (a sort or tuplestore takes only what it needs)."""
+
+
 class CannotExpress(Exception):
     """The query's result cannot be rendered exactly in SQL: stream it instead."""
 
@@ -352,6 +357,7 @@ def build_statement(
             raise CannotExpress(f"column {names[i]!r} has a type audsync renders only in Python")
         return f"audsync_q.{_quote(names[i])}", kind
 
+    uid_kind = ref(column_map.user_id_at)[1]
     uid = user_id_sql(*ref(column_map.user_id_at))
     if definition.kind == "trait":
         value = attribute_json(*ref(column_map.value_at))
@@ -367,46 +373,48 @@ def build_statement(
     row_bad = _or(value_bad, contact_bad)
     extra_cols = "".join(f", {c}" for c, _ in target.extra)
     extra_vals = "".join(f", {v}" for _, v in target.extra)
+    # Ids of other kinds are their own text: equal ids sit side by side in the
+    # text order and the head rule alone collapses them. Numbers are not (42 and
+    # 42.0 are one id, and other ids may sort between their texts): a repeat
+    # that is not adjacent is dropped by ON CONFLICT, the first in text order
+    # winning, as the streaming path drops its stragglers.
+    repeats = uid_kind in ("numeric", "float")
+    on_conflict = " ON CONFLICT DO NOTHING" if repeats else ""
     return f"""
-WITH src AS (
-  SELECT {order} AS t, {uid.sql} AS n, {_or(uid.bad) or 'false'} AS id_bad,
-         {value_sql} AS v, {contact.sql} AS c, {row_bad or 'false'} AS row_bad
+WITH w AS (
+  SELECT n, v, c, t, cls, id_bad, row_bad,
+         cls = 0 AND n IS DISTINCT FROM lag(n) OVER (PARTITION BY cls = 0 ORDER BY t) AS head
   FROM (
+    SELECT t, n, v, c, id_bad, row_bad,
+           CASE WHEN n IS NULL THEN 1 WHEN length(n) > {MAX_USER_ID_LENGTH} THEN 2
+                WHEN n ~ {_CONTROL_RE} THEN 3 ELSE 0 END AS cls
+    FROM (
+      SELECT {order} AS t, {uid.sql} AS n, {_or(uid.bad) or 'false'} AS id_bad,
+             {value_sql} AS v, {contact.sql} AS c, {row_bad or 'false'} AS row_bad
+      FROM (
 {sql}
-  ) audsync_q
-),
-classed AS (
-  SELECT t, n, v, c, row_bad, id_bad,
-         CASE WHEN n IS NULL THEN 1 WHEN length(n) > {MAX_USER_ID_LENGTH} THEN 2
-              WHEN n ~ {_CONTROL_RE} THEN 3 ELSE 0 END AS cls
-  FROM src
-),
-ok AS (
-  SELECT n, v, c, t, row_bad,
-         n IS DISTINCT FROM lag(n) OVER (ORDER BY t) AS head
-  FROM classed WHERE cls = 0
-),
-kept AS (
-  SELECT DISTINCT ON (n) n, v, c FROM ok WHERE head AND v IS NOT NULL ORDER BY n, t
+      ) audsync_q
+    ) audsync_src
+  ) audsync_classed
 ),
 ins AS (
   INSERT INTO {table} (audience_key, user_id, value, contact{extra_cols})
-  SELECT {_literal(target.key)}, n, v, c{extra_vals} FROM kept
+  SELECT {_literal(target.key)}, n, v, c{extra_vals} FROM w WHERE head AND v IS NOT NULL
+  {on_conflict}
   RETURNING 1
 )
-SELECT 'rows', COUNT(*), NULL FROM classed
-UNION ALL SELECT 'bad_id', COUNT(*), NULL FROM classed WHERE id_bad
-UNION ALL SELECT 'class' || cls, COUNT(*), (array_agg(n ORDER BY t))[1]
-  FROM classed WHERE cls > 0 GROUP BY cls
-UNION ALL SELECT 'ok', COUNT(*), NULL FROM ok
-UNION ALL SELECT 'heads', COUNT(*), NULL FROM ok WHERE head
-UNION ALL SELECT 'heads_valued', COUNT(*), NULL FROM ok WHERE head AND v IS NOT NULL
-UNION ALL SELECT 'bad_row', COUNT(*), NULL FROM ok WHERE head AND row_bad
-UNION ALL SELECT 'inserted', COUNT(*), NULL FROM ins
+SELECT COUNT(*),
+       COUNT(*) FILTER (WHERE id_bad),
+       COUNT(*) FILTER (WHERE cls = 1),
+       COUNT(*) FILTER (WHERE cls = 2), (array_agg(n ORDER BY t) FILTER (WHERE cls = 2))[1],
+       COUNT(*) FILTER (WHERE cls = 3), (array_agg(n ORDER BY t) FILTER (WHERE cls = 3))[1],
+       COUNT(*) FILTER (WHERE cls = 0),
+       COUNT(*) FILTER (WHERE head),
+       COUNT(*) FILTER (WHERE head AND v IS NOT NULL),
+       COUNT(*) FILTER (WHERE head AND row_bad),
+       (SELECT COUNT(*) FROM ins)
+FROM w
 """
-
-
-_REASONS = {"class2": ID_TOO_LONG, "class3": ID_HAS_CONTROL}
 
 
 def _kind(type_code: Any) -> str | None:
@@ -498,21 +506,25 @@ def _load(
     keys: Mapping[str, str] | None,
 ) -> str | None:
     """The load inside the savepoint; None when done, or why it cannot be done."""
-    schema, encoding, saved_path = conn.exec_driver_sql(
-        "SELECT n.nspname, current_setting('server_encoding'), current_setting('search_path')"
+    schema, encoding, saved_path, saved_mem, saved_digits = conn.exec_driver_sql(
+        "SELECT n.nspname, current_setting('server_encoding'), current_setting('search_path'),"
+        " current_setting('work_mem'), current_setting('extra_float_digits')"
         " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
         " WHERE c.oid = 'snapshot'::regclass"
     ).one()
     if encoding != "UTF8":
         return f"the database's encoding is {encoding}, not UTF8"
     table = f"{_quote(schema)}.{_quote(target.table)}"
-    # The query's names resolve as on the source connection: its schemas, in its order.
+    # The query's names resolve as on the source connection: its schemas, in its
+    # order. Floats print in their shortest form. The one sort of the load (by the
+    # id's text) stays in memory up to WORK_MEM instead of spilling to disk.
     conn.execute(
         text(
             "SELECT set_config('search_path', :p, true),"
-            " set_config('extra_float_digits', '1', true)"
+            " set_config('extra_float_digits', '1', true),"
+            " set_config('work_mem', :mem, true)"
         ),
-        {"p": ", ".join(_quote(s) for s in path)},
+        {"p": ", ".join(_quote(s) for s in path), "mem": WORK_MEM},
     )
     # The driver's own cursor: the user's SQL goes to the server as written (no
     # placeholders parsed, so a literal % stays one).
@@ -548,21 +560,31 @@ def _load(
         if cancelled():
             raise Interrupted(f"planning {definition.key} stopped by a shutdown request") from None
         return f"the statement failed: {first_line(exc)}"
-    counts = {label: (int(count), example) for label, count, example in rows}
-    if counts["bad_id"][0]:
+    (
+        total, bad_id, skipped, too_long, long_example, control, control_example,
+        ok, heads, heads_valued, bad_row, inserted,
+    ) = rows[0]
+    if bad_id:
         return "an id only Python normalises exactly (a float or decimal out of plain range)"
-    if counts["bad_row"][0]:
+    if bad_row:
         return "a value only Python renders exactly (or one Gleap cannot store)"
-    found = StreamStats(rows=counts["rows"][0], columns=names)
-    found.skipped_ids = counts.get("class1", (0, None))[0]
-    for label, reason in _REASONS.items():
-        if label in counts:
-            count, example = counts[label]
-            found.invalid_ids += count
-            found.invalid_by_reason[reason] = (count, str(example))
-    ok, heads = counts["ok"][0], counts["heads"][0]
-    found.duplicate_ids = ok - heads + counts["heads_valued"][0] - counts["inserted"][0]
-    conn.execute(text("SELECT set_config('search_path', :p, true)"), {"p": saved_path})
+    found = StreamStats(rows=int(total), columns=names, skipped_ids=int(skipped))
+    for count, example, reason in (
+        (too_long, long_example, ID_TOO_LONG), (control, control_example, ID_HAS_CONTROL)
+    ):
+        if count:
+            found.invalid_ids += int(count)
+            found.invalid_by_reason[reason] = (int(count), str(example))
+    # Repeats next to each other, then repeats ON CONFLICT dropped (none for ids
+    # that are their own text).
+    found.duplicate_ids = int(ok) - int(heads) + int(heads_valued) - int(inserted)
+    conn.execute(
+        text(
+            "SELECT set_config('search_path', :p, true), set_config('work_mem', :mem, true),"
+            " set_config('extra_float_digits', :digits, true)"
+        ),
+        {"p": saved_path, "mem": saved_mem, "digits": saved_digits},
+    )
     stats.rows += found.rows
     stats.skipped_ids += found.skipped_ids
     stats.duplicate_ids += found.duplicate_ids

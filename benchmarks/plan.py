@@ -18,9 +18,9 @@ Cases, each against that baseline, per state database (SQLite file, PostgreSQL):
 - ``first plan``: a real first plan, committed (members go to the outbox);
 - ``incremental, 1 % churn``: after every member was acknowledged, 1 % left and
   as many joined;
-- ``in-database`` variants when the source and the state are the same database
-  (SQLite: the warehouse is attached read-only; PostgreSQL: ``big`` lives in the
-  state database).
+- ``in-database`` (PostgreSQL only): ``big`` copied into the state database
+  (state in its own ``audsync`` schema, the table in ``public``), so the plan
+  loads it with one ``INSERT ... SELECT``: a dry run and a first plan.
 
 Baseline and audsync alternate, ``--repeat`` times each; the best of each is
 kept and the ratio is best/best. The machine may be shared: only the ratios of
@@ -197,6 +197,33 @@ def copy_big_into(state: Engine, warehouse: Path) -> None:
     db.close()
 
 
+def bench_in_database(
+    admin_url: str, warehouse: Path, base: Case, members: int, repeat: int
+) -> list[tuple[str, float, float, int]]:
+    """The warehouse case: ``big`` in ``public``, audsync's state in schema ``audsync``."""
+    with create_engine(admin_url).begin() as conn:
+        conn.exec_driver_sql("CREATE SCHEMA audsync")
+    url = make_url(admin_url)
+    state_url = url.update_query_dict({"options": "-csearch_path=audsync"}).render_as_string(
+        hide_password=False
+    )
+    source_url = url.render_as_string(hide_password=False)
+    source = open_source(source_url)
+    copy_big_into(source, warehouse)
+    state = open_state(state_url)
+    out: list[tuple[str, float, float, int]] = []
+    b, a = best_of(repeat, base, lambda: dry_run(state_url, source_url))
+    out.append(("in-database dry run", b, a, members))
+    b, a = best_of(
+        repeat, base, lambda: plan_once(state, source),
+        before=lambda: reset(state, "outbox", "snapshot"),
+    )
+    out.append(("in-database first plan", b, a, members))
+    state.dispose()
+    source.dispose()
+    return out
+
+
 def bench(
     kind: str, members: int, ratio: float, repeat: int
 ) -> list[tuple[str, float, float, int]]:
@@ -239,6 +266,8 @@ def bench(
             b, a = best_of(repeat, base, lambda: dry_run(state_url, source_url))
             out.append((f"dry run, {ratio:.0%} churn", b, a, changes))
             state.dispose()
+            if kind == "postgres":
+                out.extend(bench_in_database(state_url, warehouse, base, members, repeat))
         source.dispose()
     return out
 
