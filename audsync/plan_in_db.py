@@ -479,11 +479,16 @@ def load_in_database(
         log.info("%s: the source is another database than the state DB: streaming", key)
         return False
     savepoint = conn.begin_nested()
+    # The driver's own cursor: the user's SQL goes to the server as written (no
+    # placeholders parsed, so a literal % stays one).
+    cursor: Any = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
     try:
-        loaded = _load(conn, definition, target, stats, path, stop, keys)
+        loaded = _load(conn, cursor, definition, target, stats, path, stop, keys)
     except BaseException:
         savepoint.rollback()
         raise
+    finally:
+        cursor.close()
     if loaded is None:
         savepoint.commit()
         stats.in_database = True
@@ -498,6 +503,7 @@ def load_in_database(
 
 def _load(
     conn: Connection,
+    cursor: Any,
     definition: Definition,
     target: Target,
     stats: StreamStats,
@@ -526,9 +532,6 @@ def _load(
         ),
         {"p": ", ".join(_quote(s) for s in path), "mem": WORK_MEM},
     )
-    # The driver's own cursor: the user's SQL goes to the server as written (no
-    # placeholders parsed, so a literal % stays one).
-    cursor: Any = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
     driver_error = conn.dialect.loaded_dbapi.Error
     try:
         clash = _clash(cursor, definition.sql, schema)
