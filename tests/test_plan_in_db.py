@@ -93,6 +93,10 @@ DEFINITIONS = [
         " email AS last_page_view FROM t_num",
     ),
     Definition("trait", "Num trait", "num_trait", "SELECT id AS user_id, v AS value FROM t_num"),
+    Definition(
+        "contacts", "contacts", "@contacts",
+        "SELECT id AS user_id, email, first_name, plan, signed_up_at FROM t_text",
+    ),
 ]
 
 
@@ -157,7 +161,7 @@ def _plan(
     return {"written": written, "counters": counters}, stats
 
 
-@pytest.mark.parametrize("definition", DEFINITIONS, ids=lambda d: d.key)
+@pytest.mark.parametrize("definition", DEFINITIONS, ids=lambda d: d.key.lstrip("@"))
 def test_in_database_plan_writes_exactly_what_streaming_writes(
     same_db: tuple[Engine, Engine], definition: Definition
 ) -> None:
