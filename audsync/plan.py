@@ -210,7 +210,7 @@ def plan_definition(
     on_rows: Callable[[int], None] | None = None,
     keys: Mapping[str, str] | None = None,
     dry_run: bool = False,
-    in_database: bool = True,
+    in_database: bool = False,
 ) -> PlanResult:
     """Snapshot ``definition``'s query and queue its changes, inside ``conn``'s transaction.
 
@@ -641,7 +641,7 @@ def load_snapshot(
     stop: Callable[[], bool] | None = None,
     on_rows: Callable[[int], None] | None = None,
     keys: Mapping[str, str] | None = None,
-    in_database: bool = True,
+    in_database: bool = False,
 ) -> None:
     """Replace the audience's snapshot with the query's current result."""
     conn.execute(delete(models.snapshot).where(models.snapshot.c.audience_key == definition.key))
@@ -661,7 +661,7 @@ def load_rows(
     stop: Callable[[], bool] | None = None,
     on_rows: Callable[[int], None] | None = None,
     keys: Mapping[str, str] | None = None,
-    in_database: bool = True,
+    in_database: bool = False,
 ) -> None:
     """Load the query's rows into ``target``: inside the database when the source is
     the state DB (and ``in_database``), else streamed — COPY on PostgreSQL,

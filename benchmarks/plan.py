@@ -49,7 +49,7 @@ from pathlib import Path
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine, make_url
 
-from audsync.config import Config, Definition
+from audsync.config import Config, Definition, SyncConfig
 from audsync.history import start_run
 from audsync.plan import plan_definition
 from audsync.source import open_source
@@ -104,17 +104,23 @@ def bare_baseline(warehouse: Path, scratch: Path) -> int:
     return int(count)
 
 
-def plan_once(state: Engine, source: Engine) -> int:
+def plan_once(state: Engine, source: Engine, in_database: bool = False) -> int:
     """One real plan, committed, as `audsync sync` does before delivering."""
     run_id = start_run(state, DEFINITION.key, "manual", "bench")
     with state.begin() as conn:
-        result = plan_definition(conn, source, DEFINITION, run_id=run_id, force=True)
+        result = plan_definition(
+            conn, source, DEFINITION, run_id=run_id, force=True, in_database=in_database
+        )
     return result.queued
 
 
-def dry_run(state_url: str, source_url: str) -> int:
+def dry_run(state_url: str, source_url: str, in_database: str = "off") -> int:
     config = Config(
-        path="bench", source_url=source_url, state_url=state_url, definitions=(DEFINITION,)
+        path="bench",
+        source_url=source_url,
+        state_url=state_url,
+        definitions=(DEFINITION,),
+        sync=SyncConfig(in_database=in_database),
     )
     outcome = run_sync(config, dry_run=True)
     assert not outcome.errors, outcome.errors
@@ -212,10 +218,10 @@ def bench_in_database(
     copy_big_into(source, warehouse)
     state = open_state(state_url)
     out: list[tuple[str, float, float, int]] = []
-    b, a = best_of(repeat, base, lambda: dry_run(state_url, source_url))
+    b, a = best_of(repeat, base, lambda: dry_run(state_url, source_url, "auto"))
     out.append(("in-database dry run", b, a, members))
     b, a = best_of(
-        repeat, base, lambda: plan_once(state, source),
+        repeat, base, lambda: plan_once(state, source, in_database=True),
         before=lambda: reset(state, "outbox", "snapshot"),
     )
     out.append(("in-database first plan", b, a, members))
