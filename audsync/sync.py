@@ -27,6 +27,7 @@ from audsync.gleap import GleapClient
 from audsync.history import (
     claim_delivering_runs,
     close_open_runs,
+    fail_runs_left_waiting,
     mark_interrupted,
     runs,
     set_run,
@@ -473,6 +474,10 @@ def deliver_or_hand_over(
             if isinstance(report.error, GleapAuthError):
                 reason = str(report.error)
             close_open_runs(state, status, f"{reason}; pending changes stay queued")
+            if report.error is not None:
+                fail_runs_left_waiting(
+                    state, outcome.run_ids, f"{reason}; pending changes stay queued"
+                )
     finally:
         locks.release(state, lease)
 

@@ -269,6 +269,33 @@ def test_no_identify_call_is_counted_while_gleap_is_down(
     assert query(state_url, "SELECT COUNT(*) AS n FROM outbox")[0]["n"] == 60  # all still queued
 
 
+def test_a_sync_that_queues_nothing_new_while_gleap_is_down_is_not_a_success(
+    make_config: Any,
+    warehouse: Warehouse,
+    gleap: Sandbox,
+    state_url: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Review break: the second sync of an outage owns none of the waiting changes
+    (the first run queued them), yet it must not read `succeeded` — that would
+    move the audience's last success while Gleap is down."""
+    for i in range(1, 11):
+        warehouse.add(i, vip=True)
+    gleap.fault = lambda method, path, body: (503, {}, {"error": "down for maintenance"})
+    path, _ = make_config(body=VIP, max_retries=0)
+    for _ in range(2):
+        assert run_cli(capsys, "-c", str(path), "--log-level", "ERROR", "sync")[0] == 1
+    runs = query(state_url, "SELECT status, queued, error FROM sync_runs ORDER BY id")
+    assert [(r["status"], r["queued"]) for r in runs] == [("failed", 10), ("failed", 0)]
+    assert "pending changes stay queued" in runs[1]["error"]
+    gleap.fault = None
+    assert run_cli(capsys, "-c", str(path), "sync")[0] == 0
+    runs = query(state_url, "SELECT status FROM sync_runs ORDER BY id")
+    assert [r["status"] for r in runs] == ["failed", "failed", "succeeded"]
+    assert len(gleap.contacts()) == 10
+    assert_counts_add_up(state_url)
+
+
 # -- 8. each transition is counted once ---------------------------------------------------
 
 
