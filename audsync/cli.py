@@ -720,12 +720,17 @@ def cmd_report(args: argparse.Namespace) -> int:
     target = Path(args.html)
     if not target.parent.is_dir():
         raise ConfigError("--html", args.html, f"folder {target.parent} does not exist")
+    if target.is_dir():
+        raise ConfigError("--html", args.html, "is a folder: name the file, e.g. DIR/report.html")
     state = open_for_reading(config)
     report = collect_report(state, config, audience=args.audience, runs_per_audience=args.runs)
     if args.audience and not report.audiences:
         _check_audience(state, config, args.audience)
         raise ConfigError("--audience", args.audience, "no such audience or trait in the state DB")
-    written = write_report(target, report)
+    try:
+        written = write_report(target, report)
+    except OSError as exc:
+        raise ConfigError("--html", args.html, exc.strerror or type(exc).__name__) from None
     print(f"wrote {written} ({len(report.audiences)} audiences and traits)")
     return EXIT_OK
 

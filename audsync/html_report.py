@@ -115,8 +115,12 @@ def write_report(path: str | Path, report: Report) -> Path:
     """Write the page atomically (a reader never sees half of it)."""
     target = Path(path)
     partial = target.with_name(target.name + ".partial")
-    partial.write_text(render_html(report), encoding="utf-8")
-    partial.replace(target)
+    try:
+        partial.write_text(render_html(report), encoding="utf-8")
+        partial.replace(target)
+    except OSError:
+        partial.unlink(missing_ok=True)  # no stray half-page beside the target
+        raise
     return target
 
 

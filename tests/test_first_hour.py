@@ -664,7 +664,11 @@ def bad_values(tmp_path: Path, port: int) -> dict[str, list[list[str]]]:
         "retry-failed": [["no_such_key"], missing],
         "forget": [[]],
         "history": [["--limit", "0"], ["--audience", "typo"], missing],
-        "report": [["--html", str(tmp_path / "r.html"), "--runs", "0"], missing],
+        "report": [
+            ["--html", str(tmp_path / "r.html"), "--runs", "0"],
+            ["--html", str(tmp_path)],  # a folder, not a file (review break)
+            missing,
+        ],
         "status": [missing],
         "check": [missing],
         "db upgrade": [missing],
@@ -712,6 +716,7 @@ def test_every_command_rejects_values_that_cannot_work_in_one_line(
         prefix = f"audsync {command}" if err.startswith(f"audsync {command}:") else "audsync"
         one_error_line(err, prefix)
     assert (tmp_path / "exists.toml").read_text(encoding="utf-8") == "# mine\n"
+    assert not list(tmp_path.parent.glob("*.partial")) and not list(tmp_path.glob("*.partial"))
 
 
 def test_sandbox_on_a_taken_port_in_a_real_process(tmp_path: Path, taken_port: int) -> None:
