@@ -116,8 +116,14 @@ def map_columns(
     if kind == "trait" and TRAIT_VALUE not in names:
         raise ColumnProblem(f"a trait query must return a value column (it returns: {returned})")
     seen: dict[str, str] = {}
+    every = {name.lower() for name in names}
     for raw, name in zip(columns, names, strict=True):
         folded = name.lower()
+        # SQLite renames a repeated name in a subquery's result to NAME:1
+        # (audsync reads every query as a subquery): still the same attribute.
+        base, colon, digits = folded.rpartition(":")
+        if colon and digits.isdigit() and base in every:
+            folded = base
         if folded in seen:
             raise ColumnProblem(
                 f"columns {seen[folded]!r} and {raw!r} are the same attribute"

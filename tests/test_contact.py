@@ -55,6 +55,11 @@ def test_column_name(raw: str, name: str) -> None:
         (["user_id", "tier", "Tier"], "audience", "vip", "columns 'tier' and 'Tier' are the same"),
         (["user_id", "email", "EMAIL"], "audience", "vip", "columns 'email' and 'EMAIL'"),
         (["user_id", "__invalid__"], "audience", "vip", "a name audsync reserves"),
+        # SQLite's subquery renames a repeated name to NAME:1 (review break).
+        (["user_id", "Email", "EMAIL:1"], "audience", "vip", "columns 'Email' and 'EMAIL:1'"),
+        (["user_id", "user_id:1"], "audience", "vip", "columns 'user_id' and 'user_id:1'"),
+        (["user_id", "tier", "Tier:2"], "audience", "vip", "columns 'tier' and 'Tier:2'"),
+        (["user_id", "ratio:1"], "audience", "vip", None),  # no base column: a name
     ],
 )
 def test_map_columns_refuses(

@@ -161,6 +161,33 @@ def test_a_column_named_like_another_key_never_overwrites_it(
     ]
 
 
+def test_repeated_columns_fail_their_audience_on_a_sqlite_source(
+    tmp_path: Path,
+    gleap: Sandbox,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Review break: SQLite renames a repeated column of a subquery to NAME:1, and
+    `"Email"` beside `EMAIL` (or user_id twice) went out as a custom attribute
+    `email:1`. It is the same attribute twice: the audience fails alone."""
+    body = (
+        '[[audiences]]\nname = "Twice"\n'
+        "sql = \"SELECT 'u1' AS user_id, 1 AS \\\"Email\\\", 'z' AS EMAIL\"\n"
+        '[[audiences]]\nname = "Again"\n'
+        "sql = \"SELECT 'u1' AS user_id, 'u1' AS user_id\"\n"
+        '[[audiences]]\nname = "Active"\nsql = "SELECT \'u1\' AS user_id, \'x\' AS plan"\n'
+    )
+    path, _ = setup(tmp_path, gleap, monkeypatch, body)
+    code, _, err = run_cli(capsys, "-c", str(path), "check")
+    assert code == 1
+    assert "columns 'Email' and 'EMAIL:1' are the same attribute" in err
+    assert "columns 'user_id' and 'user_id:1' are the same attribute" in err
+    assert "'active'" not in err
+    code, _, err = run_cli(capsys, "-c", str(path), "sync")
+    assert code == 1
+    assert identify_bodies(gleap) == {"u1": [{"userId": "u1", "plan": "x", "active": True}]}
+
+
 def test_unparseable_timestamps_fail_and_every_date_has_milliseconds(
     tmp_path: Path,
     gleap: Sandbox,
