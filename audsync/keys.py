@@ -86,27 +86,29 @@ def choose_key(name: str, stored: Collection[str] = ()) -> tuple[str, str | None
     when it is not the one the current rule derives.
 
     ``stored`` holds the keys (among :func:`derive_key` and :func:`legacy_key` of
-    ``name``) that have ledger rows. A key in a ledger never changes: when only
-    the earlier rule's key is stored it is kept, or that audience would be
+    ``name``) that have ledger rows. A key in a ledger never changes: when the
+    earlier rule's key is stored it is kept, or that audience would be
     orphaned in Gleap. Raises NoLatinForm for a name with letters that have no
     Latin form and no stored key.
     """
     new, old = derive_key(name), legacy_key(name)
     foreign = foreign_letters(name)
-    if not foreign and (new == old or new in stored):
-        return new, None
-    if old and old in stored:
+    # The old key wins even when the new one is stored too: once kept, this
+    # definition never writes the new key, so rows under it belong to another
+    # definition (an explicit key = "strasse_kunden") and switching to it would
+    # both orphan this audience and clash with that one.
+    if old and old in stored and (old != new or foreign):
         return old, (
             f"{name!r} keeps its key {old!r}, which Gleap already holds"
             + (f" (the name now derives {new!r})" if new != old else "")
             + f'; set key = "{old}" to say so and silence this'
         )
-    if foreign:
-        raise NoLatinForm(
-            f"{name!r} has letters with no Latin form ({foreign!r}): set key to the"
-            " attribute name Gleap should use ([a-z0-9_]+)"
-        )
-    return new, None
+    if not foreign:
+        return new, None
+    raise NoLatinForm(
+        f"{name!r} has letters with no Latin form ({foreign!r}): set key to the"
+        " attribute name Gleap should use ([a-z0-9_]+)"
+    )
 
 
 def key_problem(key: str) -> str | None:

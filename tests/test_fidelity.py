@@ -335,6 +335,20 @@ def test_a_key_already_in_the_ledger_never_changes(
         {"audience_key": old_key}
     ]
     assert query(state_url, "SELECT key FROM audiences") == [{"key": old_key}]
+    # Review break: another audience given the new rule's key explicitly puts that
+    # key in the ledger too; the kept key must stay kept, not clash with it.
+    other = (
+        '[[audiences]]\nname = "Other"\nkey = "strasse_kunden"\n'
+        "sql = \"SELECT 'u9' AS user_id\"\n"
+    )
+    path.write_text(path.read_text(encoding="utf-8") + other, encoding="utf-8")
+    for command in ("sync", "sync", "check", "status"):
+        code, out, err = run_cli(capsys, "-c", str(path), command)
+        assert code == 0, (command, out, err)
+    rows = query(state_url, "SELECT audience_key, user_id FROM ledger")
+    assert sorted((r["audience_key"], r["user_id"]) for r in rows) == sorted(
+        [(old_key, "u1"), (old_key, "u2"), ("strasse_kunden", "u9")]
+    )
 
 
 def test_an_unsendable_column_fails_only_its_audience_from_postgres(
