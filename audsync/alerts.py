@@ -66,7 +66,12 @@ def _notify(engine: Engine, url: str, timeout: float) -> int:
             select(r.id, r.audience_key, r.status, r.error, r.finished_at).where(
                 r.id.in_(
                     select(func.max(r.id))
-                    .where(r.status.in_(list(STATE_OF_STATUS)), r.audience_key != "*")
+                    .where(
+                        r.status.in_(list(STATE_OF_STATUS)),
+                        r.audience_key != "*",
+                        # A repair (verify --repair) says nothing of the audience's plans.
+                        r.mode != "repair",
+                    )
                     .group_by(r.audience_key)
                 )
             )

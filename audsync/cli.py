@@ -259,6 +259,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not ask for confirmation on a terminal (env AUDSYNC_FORGET_YES=1)",
     )
 
+    verify = sub.add_parser(
+        "verify", help="read contacts back from Gleap, measure the drift from the ledger, repair it"
+    )
+    verify.add_argument("keys", nargs="*", metavar="KEY", help="audiences/traits (default: all)")
+    verify.add_argument(
+        "--sample",
+        type=_number(int, 1, defaults.MAX_VERIFY_SAMPLE, variable="AUDSYNC_VERIFY_SAMPLE"),
+        default=_env_default("AUDSYNC_VERIFY_SAMPLE", defaults.DEFAULT_VERIFY_SAMPLE),
+        metavar="N",
+        help="users to read back, drawn uniformly from the ledger; every user when N is at"
+        f" least its size (env AUDSYNC_VERIFY_SAMPLE; default {defaults.DEFAULT_VERIFY_SAMPLE})",
+    )
+    verify.add_argument(
+        "--repair", action="store_true", help="queue the drifted values again and deliver them"
+    )
+    verify.add_argument(
+        "--wait", action="store_true", help="with --repair: follow a daemon's delivery to the end"
+    )
+    verify.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    _progress_option(verify)
+
     history = sub.add_parser("history", help="past runs from the state DB")
     history.add_argument("--audience", metavar="KEY")
     history.add_argument(
@@ -331,6 +352,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="port on 127.0.0.1 (env AUDSYNC_SANDBOX_PORT; default 8765; 0 picks a free one)",
     )
     sandbox.add_argument("--token", default=_env_default("AUDSYNC_SANDBOX_TOKEN", "sandbox-token"))
+    sandbox.add_argument(
+        "--read-token",
+        default=_env_default("AUDSYNC_SANDBOX_READ_TOKEN", "sandbox-read-token"),
+        help="the v3 API key reads must carry (env AUDSYNC_SANDBOX_READ_TOKEN)",
+    )
+    sandbox.add_argument(
+        "--project",
+        default=_env_default("AUDSYNC_SANDBOX_PROJECT", "sandbox-project"),
+        help="the project id reads must carry (env AUDSYNC_SANDBOX_PROJECT)",
+    )
     sandbox.add_argument(
         "--rate-limit",
         type=_number(int, 0),
@@ -444,7 +475,13 @@ def _interrupted(stopping: threading.Event) -> int:
 
 def _error(message: str) -> None:
     """One line on stderr, with every known secret (token, webhook URL) redacted."""
-    safe = one_line(redact(message, os.environ.get("AUDSYNC_GLEAP_API_TOKEN")))
+    safe = one_line(
+        redact(
+            message,
+            os.environ.get("AUDSYNC_GLEAP_API_TOKEN"),
+            os.environ.get("AUDSYNC_GLEAP_READ_TOKEN"),
+        )
+    )
     print(f"audsync: error: {safe}", file=sys.stderr)
 
 
@@ -453,7 +490,8 @@ def _config(args: argparse.Namespace, *, require_file: bool = True) -> Config:
     # Whatever their source (file or env), the configured secrets are hidden from
     # every later log line and error message of this process.
     token = config.gleap.api_token.reveal() if config.gleap.api_token else None
-    use_secrets(token, config.alert_webhook_url)
+    read_token = config.gleap.read_token.reveal() if config.gleap.read_token else None
+    use_secrets(token, read_token, config.alert_webhook_url)
     if args.command != "check":  # check prints them among its findings
         for note in config.notes:
             log.warning("%s: %s", config.path, note)
@@ -675,6 +713,43 @@ def _confirm_forget(user_ids: Sequence[str]) -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from audsync.readback import render_report, run_verify
+    from audsync.state import open_configured, open_for_reading
+
+    config = _config(args)
+    config.select(args.keys)  # an unknown key, a missing read key: exit 2 before any read
+    config.require_reader()
+    if args.repair:
+        config.require_token()
+    state = open_configured(config) if args.repair else open_for_reading(config)
+    with _warm_stop() as stopping, make_progress(args.progress, sys.stderr) as progress:
+        report = run_verify(
+            config,
+            args.keys,
+            sample=args.sample,
+            repair=args.repair,
+            wait_delivery=args.wait,
+            state=state,
+            stop=stopping.is_set,
+            echo=lambda line: log.info(line),
+            progress=progress,
+        )
+    if args.json:
+        print(json.dumps(jsonable(report.as_dict(defaults.DEFAULT_VERIFY_WORST)), indent=2))
+    else:
+        print(render_report(report, defaults.DEFAULT_VERIFY_WORST))
+    if report.repair is not None and report.repair.error:
+        _error(f"repair: {report.repair.error}")
+    if stopping.is_set():
+        return _interrupted(stopping)
+    if report.unverified:
+        return EXIT_FAILED  # some users could not be read: no claim about them
+    if report.repair is not None:
+        return EXIT_OK if report.repair.complete else EXIT_FAILED
+    return EXIT_FAILED if report.summary.drifted else EXIT_OK
+
+
 def cmd_history(args: argparse.Namespace) -> int:
     from audsync.history import failures, runs
     from audsync.state import open_for_reading
@@ -888,6 +963,8 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
             fail_ratio=args.fail_ratio,
             latency=args.latency,
             db_path=args.db,
+            read_token=args.read_token,
+            project=args.project,
         )
     except sqlite3.Error as exc:
         raise ConfigError("--db", args.db, f"cannot be used: {exc}") from None
@@ -895,7 +972,11 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         raise ConfigError(
             "--port", str(args.port), f"cannot listen on 127.0.0.1:{args.port}: {exc.strerror}"
         ) from None
-    print(f"Gleap sandbox on {server.url} (token {args.token!r}); Ctrl-C stops it", flush=True)
+    print(
+        f"Gleap sandbox on {server.url} (token {args.token!r}; reads: key {args.read_token!r},"
+        f" project {args.project!r}); Ctrl-C stops it",
+        flush=True,
+    )
     with contextlib.suppress(KeyboardInterrupt):
         server.serve_forever()
     return EXIT_OK
@@ -906,6 +987,7 @@ COMMANDS = {
     "sync": cmd_sync,
     "retry-failed": cmd_retry_failed,
     "forget": cmd_forget,
+    "verify": cmd_verify,
     "history": cmd_history,
     "report": cmd_report,
     "status": cmd_status,

@@ -122,6 +122,24 @@ class GleapConfig:
     timeout: float = defaults.DEFAULT_TIMEOUT
     concurrency: int = defaults.DEFAULT_CONCURRENCY
     max_retries: int = defaults.DEFAULT_MAX_RETRIES
+    read_token: Secret | None = None
+    """Gleap's v3 API key, for ``audsync verify`` (not the admin API token)."""
+    project: str | None = None
+    """Gleap's project id, sent with every read."""
+    read_rate_limit: int = defaults.DEFAULT_READ_RATE_LIMIT
+    """Reads per ``rate_window``, under a budget of their own: verifying never slows delivery."""
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    """The ``[verify]`` section: the daemon's continuous audit."""
+
+    sample_per_run: int = 0
+    """Users read back after each scheduled plan (0 = no audit)."""
+    max_drift: float = defaults.DEFAULT_MAX_DRIFT
+    """An alert goes out when an audience's measured drift rate exceeds this."""
+    repair: bool = False
+    """Queue the drifted users' values again, as ``audsync verify --repair`` does."""
 
 
 @dataclass(frozen=True)
@@ -179,6 +197,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     history: HistoryConfig = field(default_factory=HistoryConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
     definitions: tuple[Definition, ...] = ()
     alert_webhook_url: str | None = None
     notes: tuple[str, ...] = ()
@@ -199,6 +218,26 @@ class Config:
                 "missing or empty (set AUDSYNC_GLEAP_API_TOKEN or [gleap] api_token)",
             )
         return self.gleap.api_token.reveal()
+
+    def require_reader(self) -> tuple[str, str]:
+        """The read token and the project id for ``verify``, or a ConfigError naming the
+        one that is missing."""
+        token = self.gleap.read_token.reveal() if self.gleap.read_token else ""
+        if not token:
+            raise ConfigError(
+                self.path,
+                "gleap.read_token",
+                "missing or empty (verify reads contacts with Gleap's v3 API key: set"
+                " AUDSYNC_GLEAP_READ_TOKEN or [gleap] read_token)",
+            )
+        if not self.gleap.project:
+            raise ConfigError(
+                self.path,
+                "gleap.project",
+                "missing or empty (verify needs Gleap's project id: set AUDSYNC_GLEAP_PROJECT"
+                " or [gleap] project)",
+            )
+        return token, self.gleap.project
 
     def require_source(self) -> str:
         """The source URL, or a ConfigError saying where to put it."""
@@ -243,6 +282,9 @@ _SECTIONS: dict[str, dict[str, str]] = {
         "timeout": "duration",
         "concurrency": "posint",
         "max_retries": "nonnegint",
+        "read_token": "secret",
+        "project": "header",
+        "read_rate_limit": "posint",
     },
     "source": {"url": "db_url"},
     "state": {"url": "db_url", "busy_timeout": "duration"},
@@ -257,6 +299,7 @@ _SECTIONS: dict[str, dict[str, str]] = {
     },
     "history": {"keep": "duration"},
     "contacts": {"sql": "str"},
+    "verify": {"sample_per_run": "nonnegint", "max_drift": "fraction", "repair": "bool"},
 }
 _DEFINITION_KEYS = {"name", "key", "sql", "events"}
 
@@ -271,6 +314,8 @@ _DURATION_MIN: dict[str, float] = {
 _INT_MAX: dict[str, int] = {
     "gleap.concurrency": defaults.MAX_CONCURRENCY,
     "gleap.rate_limit": defaults.MAX_RATE_LIMIT,
+    "gleap.read_rate_limit": defaults.MAX_RATE_LIMIT,
+    "verify.sample_per_run": defaults.MAX_VERIFY_SAMPLE,
     "sync.chunk_size": defaults.MAX_CHUNK_SIZE,
 }
 
@@ -409,7 +454,12 @@ def parse_config(
 
     gleap_raw = values["gleap"]
     token = gleap_raw.pop("api_token", None)
-    gleap = GleapConfig(api_token=Secret(token) if token is not None else None, **gleap_raw)
+    read_token = gleap_raw.pop("read_token", None)
+    gleap = GleapConfig(
+        api_token=Secret(token) if token is not None else None,
+        read_token=Secret(read_token) if read_token is not None else None,
+        **gleap_raw,
+    )
     history = HistoryConfig(**values["history"])
     if history.keep <= 0:
         # Zero would prune every run the moment it finishes.
@@ -439,6 +489,7 @@ def parse_config(
         schedule=ScheduleConfig(**values["schedule"]),
         sync=SyncConfig(**values["sync"]),
         history=history,
+        verify=VerifyConfig(**values["verify"]),
         alert_webhook_url=values["alerts"].get("webhook_url"),
         definitions=definitions,
         notes=tuple(notes),
@@ -518,6 +569,7 @@ def _text(value: Any, kind: str) -> str:
     text = value.strip()
     problem = {
         "secret": secret_problem,
+        "header": secret_problem,
         "secret_url": lambda v: secret_problem(v) or http_url_problem(v),
         "http_url": http_url_problem,
         "db_url": db_url_problem,
@@ -527,10 +579,25 @@ def _text(value: Any, kind: str) -> str:
     return text
 
 
+def _boolean(value: Any) -> bool:
+    """true/false from TOML, or its spelling in an environment variable."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("true", "1", "yes", "on"):
+            return True
+        if text in ("false", "0", "no", "off"):
+            return False
+    raise ValueError(f"{value!r} must be true or false")
+
+
 def _coerce(value: Any, kind: str, where: str, key: str) -> Any:
     try:
-        if kind in ("str", "secret", "secret_url", "http_url", "db_url"):
+        if kind in ("str", "secret", "header", "secret_url", "http_url", "db_url"):
             return _text(value, kind)
+        if kind == "bool":
+            return _boolean(value)
         if kind == "duration":
             seconds = parse_duration(value)
             problem = duration_problem(key, seconds)
@@ -554,6 +621,13 @@ def _coerce(value: Any, kind: str, where: str, key: str) -> Any:
             if choice not in ("auto", "off"):
                 raise ValueError(f"{value!r} must be 'auto' or 'off'")
             return choice
+        if kind == "fraction":
+            if isinstance(value, bool):
+                raise ValueError(f"{value!r} must be a number")
+            share = float(value)
+            if not 0 <= share <= 1:
+                raise ValueError(f"{value!r} must be in [0, 1]")
+            return share
         if kind == "ratio":
             if isinstance(value, bool):
                 raise ValueError(f"{value!r} must be a number")

@@ -178,6 +178,8 @@ class CallOutcome:
     status: int | None = None
     reason: str | None = None
     retries: int = 0
+    body: bytes = b""
+    """The answer's body on a 2xx (what a read came for)."""
 
 
 Outcome = Literal["ok", "rejected", "auth_failed", "throttled", "server_error", "network_error"]
@@ -188,7 +190,7 @@ class CallObserver(Protocol):
     """Told about every HTTP attempt and every retry (``audsync run --metrics-port``)."""
 
     def call(self, endpoint: str, outcome: Outcome) -> None:
-        """One attempt at ``endpoint`` (identify, track, delete_contact, auth) ended so."""
+        """One attempt at ``endpoint`` (identify, track, delete_contact, auth, read) ended so."""
 
     def retry(self, endpoint: str) -> None:
         """A failed attempt at ``endpoint`` is tried again after a back-off."""
@@ -301,7 +303,10 @@ class GleapClient:
         pacer: Pacer | None = None,
         sleep: Callable[[float], None] = time.sleep,
         observer: CallObserver | None = None,
+        auth_headers: dict[str, str] | None = None,
     ) -> None:
+        # ``auth_headers`` replaces the admin API's Api-Token header: Gleap's v3 read
+        # API takes a Bearer key and a project id instead (audsync.gleap_read).
         self._token = token
         self.timeout = timeout
         self.observer = observer
@@ -312,7 +317,10 @@ class GleapClient:
         self._sleep = sleep
         self._http = httpx.Client(
             base_url=base_url.rstrip("/"),
-            headers={"Api-Token": token, "Content-Type": "application/json"},
+            headers={
+                **(auth_headers if auth_headers is not None else {"Api-Token": token}),
+                "Content-Type": "application/json",
+            },
             timeout=timeout,
             transport=transport,
             limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
@@ -367,6 +375,13 @@ class GleapClient:
     def track(self, body: dict[str, Any], stop: Callable[[], bool] | None = None) -> CallOutcome:
         """POST one Track body (up to 100 events) under the same budget as Identify."""
         return self._send("track", "POST", TRACK_PATH, body, stop=stop)
+
+    def fetch(
+        self, endpoint: str, path: str, stop: Callable[[], bool] | None = None
+    ) -> CallOutcome:
+        """GET ``path`` under this client's budget and retries; a 2xx answer's body is
+        in ``body``. Raises GleapAuthError / GleapUnavailable like every call."""
+        return self._send(endpoint, "GET", path, None, stop=stop)
 
     def delete_contact(self, user_id: str) -> CallOutcome:
         """DELETE one contact; a 404 (Gleap has no such contact) counts as done, with
@@ -426,7 +441,12 @@ class GleapClient:
                 if 200 <= status < 300:
                     self._record(endpoint, "ok")
                     self.pacer.succeeded()
-                    return CallOutcome(ok=True, status=status, retries=failures + throttles)
+                    return CallOutcome(
+                        ok=True,
+                        status=status,
+                        retries=failures + throttles,
+                        body=response.content,
+                    )
                 if status in (401, 403):
                     self._record(endpoint, "auth_failed")
                     raise GleapAuthError(status)

@@ -39,7 +39,13 @@ def safe_message(record: logging.LogRecord) -> str:
         # The traceback would be many lines of our code and the driver's text:
         # the exception's own first line is what an operator needs.
         message = f"{message}: {describe(record.exc_info[1])}"
-    return one_line(redact(message, os.environ.get("AUDSYNC_GLEAP_API_TOKEN")))
+    return one_line(
+        redact(
+            message,
+            os.environ.get("AUDSYNC_GLEAP_API_TOKEN"),
+            os.environ.get("AUDSYNC_GLEAP_READ_TOKEN"),
+        )
+    )
 
 
 class RedactingFilter(logging.Filter):

@@ -36,7 +36,7 @@ from rich.text import Text
 from audsync.defaults import DEFAULT_LINE_INTERVAL
 from audsync.report import duration
 
-Phase = Literal["querying", "planning", "delivering"]
+Phase = Literal["querying", "planning", "delivering", "reading"]
 Display = Literal["bars", "lines", "off"]
 
 PROGRESS_CHOICES = ("auto", "bars", "lines", "off")

@@ -4,10 +4,20 @@ It enforces the contract of docs/gleap-contract.md: the ``Api-Token`` header, th
 shapes of Identify / Track bodies (400 with a reason otherwise), a fixed-window
 rate limit shared by identify and track (429 with ``Retry-After``), and can
 inject 5xx answers and latency. Contacts live in SQLite (in memory by default).
+The v3 read endpoint (``GET /v3/sessions/by-user-id/{userId}``) answers with
+``Authorization: Bearer <read_token>`` and ``project: <project>``, as a contact
+with its custom attributes under ``customData``.
 
     with Sandbox(token="t", rate_limit=1000, rate_window=60) as gleap:
         ...  # point base_url at gleap.url
         gleap.contacts()  # {"u1": {"userId": "u1", "vip": true, ...}}
+
+Drifting a contact behind audsync's back, as Gleap's UI or another integration
+would (from a test, or with curl against ``audsync sandbox``)::
+
+    DELETE /_sandbox/contacts/{userId}                    the contact is gone
+    PATCH  /_sandbox/contacts/{userId}  {"vip": false}    attributes edited
+    DELETE /_sandbox/contacts/{userId}/attributes/{name}  one attribute removed
 """
 
 from __future__ import annotations
@@ -36,6 +46,8 @@ Fault = Callable[[str, str, Any], "Answer | None"]
 STRING_FIELDS = ("name", "email", "phone", "companyName", "companyId", "lang", "plan")
 TIME_FIELDS = ("createdAt", "lastActivity")
 KNOWN_FIELDS = {"userId", "value", "lastPageView", *STRING_FIELDS, *TIME_FIELDS}
+READ_PREFIX = "/v3/sessions/by-user-id/"
+SANDBOX_CONTACTS = "/_sandbox/contacts/"
 
 
 @dataclass
@@ -50,6 +62,8 @@ class SandboxStats:
     throttled: int = 0
     injected_errors: int = 0
     deleted: int = 0
+    reads: int = 0
+    tampered: int = 0
     missing_prevent_flag: int = 0
     by_status: dict[int, int] = field(default_factory=dict)
     answered: dict[tuple[str, int], int] = field(default_factory=dict)
@@ -81,8 +95,14 @@ class Sandbox:
         seed: int | None = None,
         db_path: str = ":memory:",
         reject_users: set[str] | None = None,
+        read_token: str = "sandbox-read-token",
+        project: str = "sandbox-project",
     ) -> None:
         self.token = token
+        self.read_token = read_token
+        """The v3 API key reads must carry as ``Authorization: Bearer``."""
+        self.project = project
+        """The project id reads must carry in the ``project`` header."""
         self.rate_limit = rate_limit
         self.rate_window = rate_window
         self.fail_ratio = fail_ratio
@@ -91,9 +111,9 @@ class Sandbox:
         self.on_identify: Callable[[dict[str, Any]], None] | None = None
         """Called with each valid Identify body before it is stored (for tests)."""
         self.fault: Fault | None = None
-        """Asked first about every authorised Identify, Track and delete request (for
-        tests): an answer it returns is sent instead of the contract's; it may block
-        to hold a call in flight."""
+        """Asked first about every authorised Identify, Track, delete and read request
+        (for tests): an answer it returns is sent instead of the contract's; it may
+        block to hold a call in flight."""
         self.trickle: float = 0.0
         """Seconds between the bytes of each admin answer's body: a server that
         keeps a connection alive without ever finishing."""
@@ -166,6 +186,44 @@ class Sandbox:
                 "SELECT data FROM contacts WHERE user_id = ?", (user_id,)
             ).fetchone()
         return json.loads(row[0]) if row else None
+
+    def session(self, user_id: str) -> dict[str, Any] | None:
+        """The contact as the v3 read endpoint answers it, or None."""
+        contact = self.contact(user_id)
+        return None if contact is None else session_view(contact)
+
+    # -- drifting a contact behind audsync's back ---------------------------------
+
+    def drop_contact(self, user_id: str) -> bool:
+        """Delete a contact, as someone in Gleap's UI would; True when it existed."""
+        with self._lock:
+            gone = self._db.execute("DELETE FROM contacts WHERE user_id = ?", (user_id,))
+            self.stats.tampered += gone.rowcount
+        return gone.rowcount > 0
+
+    def edit_contact(self, user_id: str, fields: dict[str, Any]) -> bool:
+        """Set attributes of a contact (a null is stored as null); True when it existed."""
+        return self._rewrite(user_id, lambda contact: contact.update(fields))
+
+    def drop_attribute(self, user_id: str, name: str) -> bool:
+        """Remove one attribute of a contact; True when the contact existed."""
+        return self._rewrite(user_id, lambda contact: contact.pop(name, None))
+
+    def _rewrite(self, user_id: str, change: Callable[[dict[str, Any]], Any]) -> bool:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT data FROM contacts WHERE user_id = ?", (user_id,)
+            ).fetchone()
+            if row is None:
+                return False
+            contact = json.loads(row[0])
+            change(contact)
+            contact["userId"] = user_id
+            self._db.execute(
+                "UPDATE contacts SET data = ? WHERE user_id = ?", (json.dumps(contact), user_id)
+            )
+            self.stats.tampered += 1
+        return True
 
     def calls(self, path_prefix: str = "/admin/") -> list[dict[str, Any]]:
         """Requests received, oldest first (method, path, status, user_id, body, and the
@@ -246,7 +304,9 @@ class Sandbox:
         query = parse_qs(parts.query)
         self.stats.requests += 1
         if path.startswith("/_sandbox/"):
-            return self._control(method, path)
+            return self._control(method, path, body)
+        if path.startswith(READ_PREFIX):
+            return self._read(method, path, headers)
         if headers.get("api-token") != self.token:
             self.stats.unauthorized += 1
             return 401, {}, {"error": "Unauthorized"}
@@ -284,6 +344,29 @@ class Sandbox:
                 return self._identify(data, prevent)
             return self._track(data)
         return 404, {}, {"error": f"no route {method} {path}"}
+
+    def _read(self, method: str, path: str, headers: dict[str, str]) -> Answer:
+        # The v3 API takes its own key as a Bearer token (never the admin Api-Token)
+        # and names the project in a header of its own.
+        if headers.get("authorization") != f"Bearer {self.read_token}":
+            self.stats.unauthorized += 1
+            return 401, {}, {"error": "Unauthorized"}
+        if headers.get("project") != self.project:
+            self.stats.unauthorized += 1
+            return 403, {}, {"error": "No access to this project"}
+        if method != "GET":
+            return 404, {}, {"error": f"no route {method} {path}"}
+        if self.fault is not None:
+            answer = self.fault(method, path, None)
+            if answer is not None:
+                return answer
+        user_id = unquote(path[len(READ_PREFIX) :])
+        with self._lock:
+            self.stats.reads += 1
+        session = self.session(user_id)
+        if session is None:
+            return 404, {}, {"error": "Session not found"}
+        return 200, {}, session
 
     def _identify(self, data: Any, prevent: bool) -> tuple[int, dict[str, str], Any]:
         problem = identify_problem(data)
@@ -334,11 +417,31 @@ class Sandbox:
             self.stats.track_ok += 1
         return 200, {}, {"success": True}
 
-    def _control(self, method: str, path: str) -> tuple[int, dict[str, str], Any]:
+    def _control(self, method: str, path: str, body: bytes = b"") -> Answer:
         if method == "GET" and path == "/_sandbox/contacts":
             return 200, {}, self.contacts()
         if method == "GET" and path == "/_sandbox/stats":
             return 200, {}, self.stats.__dict__
+        if path.startswith(SANDBOX_CONTACTS):
+            user_id, _, rest = path[len(SANDBOX_CONTACTS) :].partition("/attributes/")
+            user_id = unquote(user_id)
+            if method == "DELETE" and rest:
+                done = self.drop_attribute(user_id, unquote(rest))
+            elif method == "DELETE" and "/attributes/" not in path:
+                done = self.drop_contact(user_id)
+            elif method == "PATCH" and not rest:
+                try:
+                    fields = json.loads(body or b"null")
+                except ValueError:
+                    fields = None
+                if not isinstance(fields, dict):
+                    return 400, {}, {"error": "body must be a JSON object of attributes"}
+                done = self.edit_contact(user_id, fields)
+            else:
+                return 404, {}, {"error": "unknown sandbox route"}
+            if not done:
+                return 404, {}, {"error": f"no contact {user_id!r}"}
+            return 200, {}, {"ok": True}
         return 404, {}, {"error": "unknown sandbox route"}
 
     def log(
@@ -352,7 +455,9 @@ class Sandbox:
     ) -> None:
         user_id = None
         text = body.decode("utf-8", "replace") if body else None
-        if text and path.startswith("/admin/identify"):
+        if path.startswith(READ_PREFIX):
+            user_id = unquote(path[len(READ_PREFIX) :])
+        elif text and path.startswith("/admin/identify"):
             try:
                 parsed = json.loads(text)
                 user_id = parsed.get("userId") if isinstance(parsed, dict) else None
@@ -386,6 +491,20 @@ def _route(method: str, path: str) -> str | None:
     if path == "/admin/auth":
         return "auth"
     return None
+
+
+def session_view(contact: dict[str, Any]) -> dict[str, Any]:
+    """A stored contact as Gleap's v3 API answers it: the known fields at the top
+    level, every custom attribute under ``customData``."""
+    view: dict[str, Any] = {"userId": contact.get("userId")}
+    custom: dict[str, Any] = {}
+    for name, value in contact.items():
+        if name in KNOWN_FIELDS:
+            view[name] = value
+        else:
+            custom[name] = value
+    view["customData"] = custom
+    return view
 
 
 def _is_number(value: Any) -> bool:
@@ -494,7 +613,7 @@ def _make_handler(sandbox: Sandbox) -> type[BaseHTTPRequestHandler]:
             except (BrokenPipeError, ConnectionResetError):
                 self.close_connection = True  # the client gave up, as it may
 
-        do_GET = do_POST = do_DELETE = _serve
+        do_GET = do_POST = do_DELETE = do_PATCH = _serve
 
         def log_message(self, format: str, *args: Any) -> None:
             pass  # quiet: the calls table is the log
