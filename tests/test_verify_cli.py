@@ -43,14 +43,16 @@ def synced(
     gleap.read_token, gleap.project = READ_TOKEN, PROJECT
     seed(warehouse, USERS)
     path, _ = make_config(max_retries=1)
-    code, out, err = run_cli(capsys, "-c", str(path), "sync")
+    code, _out, err = run_cli(capsys, "-c", str(path), "sync")
     assert code == 0, err
     gleap.reset_calls()
     return path
 
 
 def verify(capsys: pytest.CaptureFixture[str], path: Path, *argv: str) -> tuple[int, Any, str]:
-    code, out, err = run_cli(capsys, "-c", str(path), "verify", "--json", "--progress", "off", *argv)
+    code, out, err = run_cli(
+        capsys, "-c", str(path), "verify", "--json", "--progress", "off", *argv
+    )
     try:
         return code, json.loads(out), err
     except ValueError:
@@ -96,7 +98,9 @@ def test_tampered_contacts_are_found_exactly_and_nothing_is_sent_or_written(
     # flag flipped by hand (9), one trait edited (2), one buyer flag removed (4).
     httpx.delete(f"{gleap.url}/_sandbox/contacts/3").raise_for_status()
     httpx.delete(f"{gleap.url}/_sandbox/contacts/6").raise_for_status()
-    httpx.patch(f"{gleap.url}/_sandbox/contacts/9", json={"vip_customers": False}).raise_for_status()
+    httpx.patch(
+        f"{gleap.url}/_sandbox/contacts/9", json={"vip_customers": False}
+    ).raise_for_status()
     httpx.patch(f"{gleap.url}/_sandbox/contacts/2", json={"revenue": 999}).raise_for_status()
     httpx.delete(f"{gleap.url}/_sandbox/contacts/4/attributes/buyers").raise_for_status()
     before = dump_state(state_url)
@@ -202,7 +206,7 @@ def test_missing_read_token_or_project_is_a_config_error(
     key: str,
 ) -> None:
     monkeypatch.delenv(unset)
-    code, out, err = run_cli(capsys, "-c", str(synced), "verify")
+    code, _out, err = run_cli(capsys, "-c", str(synced), "verify")
     assert code == 2
     assert err.count("\n") == 1 and key in err and "Traceback" not in err
     assert unset in err
@@ -263,7 +267,7 @@ def test_404_429_and_5xx_on_reads(
         return None
 
     gleap.fault = fault
-    code, report, err = verify(capsys, synced, "--sample", "1000")
+    code, report, _err = verify(capsys, synced, "--sample", "1000")
     assert code == 1
     assert report["sampled"] == HOLDERS
     assert report["read_failures"] == 2
@@ -280,7 +284,7 @@ def test_every_read_answering_404_is_a_misdirected_read_not_drift(
     synced: Path, gleap: Sandbox, capsys: pytest.CaptureFixture[str]
 ) -> None:
     gleap.fault = lambda method, path, body: (404, {}, {"error": "no such route"})
-    code, report, err = verify(capsys, synced, "--sample", "1000", "--repair")
+    code, report, _err = verify(capsys, synced, "--sample", "1000", "--repair")
     assert code == 1
     assert report["missing"] == report["drifted"] == 0
     assert report["read_failures"] == report["sampled"]
@@ -289,7 +293,10 @@ def test_every_read_answering_404_is_a_misdirected_read_not_drift(
 
 
 def test_read_token_is_a_secret_in_errors(
-    synced: Path, gleap: Sandbox, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    synced: Path,
+    gleap: Sandbox,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     def echo(method: str, path: str, body: Any) -> Any:
         return 400, {}, {"error": f"key {READ_TOKEN} is not allowed here"}
