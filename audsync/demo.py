@@ -15,6 +15,10 @@ from typing import Any
 from audsync.sandbox import Sandbox
 
 DEMO_TOKEN = "demo-token"
+DEMO_READ_TOKEN = "demo-read-key"
+DEMO_PROJECT = "demo-project"
+DRIFT_AUDIENCE = "high_value_customers"
+"""The audience the demo drifts and verifies: small enough to read back whole."""
 DEMO_RATE_LIMIT = 60000
 """Calls per minute in the demo: Gleap allows 1000, but a demo should end in seconds."""
 
@@ -30,6 +34,9 @@ base_url = "{base_url}"
 api_token = "{token}"                  # the sandbox's token, not a real one
 rate_limit = {rate_limit}
 rate_window = "60s"
+read_token = "{read_token}"            # the sandbox's read key, not a real one
+project = "{project}"
+read_rate_limit = {rate_limit}
 
 [source]
 url = "sqlite:///{warehouse}"
@@ -123,7 +130,12 @@ def change_warehouse(path: Path, today: dt.date, seed: int = 8) -> None:
 def _sandbox(contacts: Path | None) -> Sandbox:
     """The demo's Gleap: on :data:`DEMO_PORT` with its contacts in a file when the demo
     is kept (so the printed command brings the same one back), else anywhere in memory."""
-    common: dict[str, Any] = {"rate_limit": DEMO_RATE_LIMIT, "rate_window": 60}
+    common: dict[str, Any] = {
+        "rate_limit": DEMO_RATE_LIMIT,
+        "rate_window": 60,
+        "read_token": DEMO_READ_TOKEN,
+        "project": DEMO_PROJECT,
+    }
     if contacts is None:
         return Sandbox(DEMO_TOKEN, **common)
     try:
@@ -156,13 +168,19 @@ def run_demo(users: int = 3000, keep: str | None = None) -> int:
     for old in (warehouse, state, *((gleap_db,) if gleap_db else ())):
         old.unlink(missing_ok=True)
     build_warehouse(warehouse, users, today)
-    previous_token = os.environ.get("AUDSYNC_GLEAP_API_TOKEN")
+    previous = {
+        name: os.environ.get(name)
+        for name in ("AUDSYNC_GLEAP_API_TOKEN", "AUDSYNC_GLEAP_READ_TOKEN", "AUDSYNC_GLEAP_PROJECT")
+    }
     os.environ["AUDSYNC_GLEAP_API_TOKEN"] = DEMO_TOKEN
+    os.environ["AUDSYNC_GLEAP_READ_TOKEN"] = DEMO_READ_TOKEN
+    os.environ.pop("AUDSYNC_GLEAP_PROJECT", None)
     try:
         with _sandbox(gleap_db) as gleap:
             port = int(gleap.url.rsplit(":", 1)[1])
             sandbox_command = shlex.join(
                 ["audsync", "sandbox", "--port", str(port), "--token", DEMO_TOKEN]
+                + ["--read-token", DEMO_READ_TOKEN, "--project", DEMO_PROJECT]
                 + ["--rate-limit", str(DEMO_RATE_LIMIT)]
                 + (["--db", str(gleap_db)] if gleap_db else [])
             )
@@ -172,6 +190,8 @@ def run_demo(users: int = 3000, keep: str | None = None) -> int:
                     token=DEMO_TOKEN,
                     sandbox_command=sandbox_command,
                     rate_limit=DEMO_RATE_LIMIT,
+                    read_token=DEMO_READ_TOKEN,
+                    project=DEMO_PROJECT,
                     warehouse=warehouse,
                     state=state,
                     today=today.isoformat(),
@@ -200,6 +220,9 @@ def run_demo(users: int = 3000, keep: str | None = None) -> int:
             for user_id in sorted(contacts, key=int)[:3]:
                 print(json.dumps(contacts[user_id], sort_keys=True))
             print(f"\n{len(contacts):,} contacts in the sandbox.")
+            code = _drift_and_repair(gleap, config_path)
+            if code:
+                return code
             if keep:
                 report = folder / "report.html"
                 main(["-c", str(config_path), "report", "--html", str(report)])
@@ -210,16 +233,52 @@ def run_demo(users: int = 3000, keep: str | None = None) -> int:
                 print("then, in another shell:")
                 print(f"  audsync -c {config} status")
                 print(f"  audsync -c {config} sync")
-                if previous_token is not None:
-                    print(
-                        "  (unset AUDSYNC_GLEAP_API_TOKEN first: it overrides the demo's token)"
+                print(f"  audsync -c {config} verify")
+                overriding = [
+                    n
+                    for n in (
+                        "AUDSYNC_GLEAP_API_TOKEN",
+                        "AUDSYNC_GLEAP_READ_TOKEN",
+                        "AUDSYNC_GLEAP_PROJECT",
                     )
+                    if previous[n] is not None
+                ]
+                if overriding:
+                    print(f"  (unset {' '.join(overriding)} first: they override the demo's keys)")
                 print(f"and open {report} in a browser.")
         return 0
     finally:
-        if previous_token is None:
-            os.environ.pop("AUDSYNC_GLEAP_API_TOKEN", None)
-        else:
-            os.environ["AUDSYNC_GLEAP_API_TOKEN"] = previous_token
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         if holder is not None:
             holder.cleanup()
+
+
+def _drift_and_repair(gleap: Sandbox, config_path: Path) -> int:
+    """Drift two contacts behind audsync's back, then verify, repair, verify again."""
+    from audsync.cli import main
+
+    members = sorted(
+        (u for u, c in gleap.contacts().items() if c.get(DRIFT_AUDIENCE) is True), key=int
+    )
+    if len(members) < 2:
+        return 0
+    deleted, edited = members[0], members[-1]
+    print(f"\n== 6. someone edits Gleap by hand: contact {deleted} deleted,")
+    print(f"   {edited}'s {DRIFT_AUDIENCE} set to false")
+    gleap.drop_contact(deleted)
+    gleap.edit_contact(edited, {DRIFT_AUDIENCE: False})
+    base = ["-c", str(config_path), "--log-level", "WARNING", "verify", DRIFT_AUDIENCE]
+    base += ["--sample", str(len(members)), "--progress", "off"]
+    print(f"\n== 7. audsync verify {DRIFT_AUDIENCE}: read the contacts back (exit 1: drift)")
+    code = main(base)
+    print(f"   exit {code}")
+    print(f"\n== 8. audsync verify {DRIFT_AUDIENCE} --repair: send the ledger's values again")
+    code = main([*base, "--repair"])
+    if code:
+        return code
+    print(f"\n== 9. audsync verify {DRIFT_AUDIENCE}: no drift left (exit 0)")
+    return main(base)

@@ -153,9 +153,14 @@ def _percent(share: float) -> str:
 def render_report(report: VerifyReport, worst: int) -> str:
     """The report as text for a terminal."""
     s = report.summary
+    where = (
+        ", ".join(report.keys)
+        if len(report.keys) <= 3
+        else f"{len(report.keys)} audiences and traits"
+    )
     lines = [
-        f"verify: {report.sampled:,} of {report.population:,} users sampled from"
-        f" {len(report.keys)} audiences and traits; {s.checked:,} read back"
+        f"verify: {report.sampled:,} of the {report.population:,} users in the ledger of"
+        f" {where}; {s.checked:,} read back"
         + (f", {report.unverified:,} not verified (reads failed)" if report.unverified else "")
     ]
     rows = []
@@ -174,7 +179,7 @@ def render_report(report: VerifyReport, worst: int) -> str:
     low, high = s.ci95
     rows.append(
         {
-            "audience": "(users)",
+            "audience": "all users",
             "checked": s.checked,
             "drifted": s.drifted,
             "missing": s.missing,
