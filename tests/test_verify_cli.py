@@ -344,3 +344,15 @@ def test_sync_does_not_need_a_read_token(
     code, out, err = run_cli(capsys, "-c", str(synced), "sync")
     assert code == 0, err
     assert TOKEN not in out + err
+
+
+def test_demo_ends_with_a_verify_that_finds_and_repairs_its_drift(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code, out, err = run_cli(capsys, "demo", "--users", "300", "--keep", str(tmp_path / "demo"))
+    assert code == 0, err
+    found, repaired, clean = out.split("== 7.")[1], out.split("== 8.")[1], out.split("== 9.")[1]
+    assert "exit 1" in found and "(no contact)" in found and "true  false" in found
+    assert "repair: 2 changes queued again; 2 delivered, 0 failed, 0 pending" in repaired
+    assert "no drift found" in clean
+    assert "demo-read-key" not in out + err
