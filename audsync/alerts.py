@@ -110,3 +110,25 @@ def _notify(engine: Engine, url: str, timeout: float) -> int:
             )
         sent += 1
     return sent
+
+
+def drift_transition(over: bool, drift_rate: float, max_drift: float) -> str | None:
+    """``drift`` when an audience's audited drift rate rises above ``max_drift``,
+    ``drift_recovered`` when it falls back to it; None when nothing changes (one alert
+    per change, like the others)."""
+    now_over = drift_rate > max_drift
+    if now_over == over:
+        return None
+    return "drift" if now_over else "drift_recovered"
+
+
+def post(url: str | None, message: dict[str, Any], *, timeout: float = 10.0) -> bool:
+    """Post one alert message; never raises (a failure is logged without the URL)."""
+    if not url:
+        return False
+    try:
+        httpx.post(url, json=jsonable(message), timeout=timeout).raise_for_status()
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        log.warning("alert webhook failed (%s); will retry at the next check", type(exc).__name__)
+        return False
+    return True

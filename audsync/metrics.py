@@ -17,6 +17,8 @@ second daemon does part of the work. Every name starts with ``audsync_``::
     audsync_last_run_duration_seconds{audience}      start to end of the last finished run
     audsync_audience_failing{audience}               1 while failing or held, else 0
     audsync_state_db_up                              0 when the last read of the state DB failed
+    audsync_drift_ratio{audience}                    drift rate of the daemon's last audit
+    audsync_verify_reads_total{outcome}              audit reads: contact, missing or failed
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import time
 from collections.abc import Callable, Iterable
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine, func, select
@@ -134,7 +136,7 @@ class StateCollector(Collector):
                 ledger.add_metric([key], count)
             last_finished = (
                 select(func.max(r.id))
-                .where(r.finished_at.is_not(None), r.mode.not_in(["retry", "forget"]))
+                .where(r.finished_at.is_not(None), r.mode.not_in(["retry", "forget", "repair"]))
                 .group_by(r.audience_key)
             )
             for key, started, finished in conn.execute(
@@ -181,6 +183,19 @@ class Metrics:
             buckets=PLAN_BUCKETS,
             registry=self.registry,
         )
+        self.drift_ratio = Gauge(
+            "audsync_drift_ratio",
+            "Share of the users checked by the daemon's last audit whose values in Gleap"
+            " differ from the ledger",
+            ["audience"],
+            registry=self.registry,
+        )
+        self.verify_reads = Counter(
+            "audsync_verify_reads",
+            "Contacts read back by the daemon's audit, by outcome (contact, missing, failed)",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.state = StateCollector(engine, config)
         self.registry.register(self.state)
         self._server: WSGIServer | None = None
@@ -194,6 +209,15 @@ class Metrics:
     def retry(self, endpoint: str) -> None:
         """Count one retry (the Gleap client's observer)."""
         self.retries.labels(endpoint).inc()
+
+    def audited(self, ratios: dict[str, float]) -> None:
+        """Record the drift rate per audience measured by an audit."""
+        for audience, ratio in ratios.items():
+            self.drift_ratio.labels(audience).set(ratio)
+
+    def read(self, outcome: str) -> None:
+        """Count one audit read: ``contact``, ``missing`` or ``failed``."""
+        self.verify_reads.labels(outcome).inc()
 
     def planned(self, audience: str, seconds: float) -> None:
         """Record how long one plan took."""

@@ -57,7 +57,7 @@ log = logging.getLogger("audsync.prune")
 ALERTED_STATUSES = tuple(STATE_OF_STATUS)
 """The statuses alerts compare: an audience's newest such run says its alert state."""
 
-NOT_PLANS = ("retry", "forget")
+NOT_PLANS = ("retry", "forget", "repair")
 """Modes the last-run-duration gauge leaves out when it reads the newest finished run."""
 
 

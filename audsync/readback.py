@@ -345,6 +345,7 @@ def run_verify(
     sample: int,
     repair: bool = False,
     wait_delivery: bool = False,
+    deliver_repair: bool = True,
     trigger: str = "manual",
     reader: GleapReader | None = None,
     client: GleapClient | None = None,
@@ -416,14 +417,20 @@ def run_verify(
             stop=stop,
             echo=echo,
             progress=progress,
+            deliver=deliver_repair,
         )
     return report
 
 
+# Queued as ``attempted``: like a call that may have reached Gleap, the ledger is known
+# not to be what Gleap holds, so a plan that runs before delivery overwrites the row with
+# what Gleap should hold (taking it into its own run) instead of withdrawing it as "no
+# change" — which it would, since the ledger equals the snapshot (docs/design.md, "Verify").
 _QUEUE_REPAIR = (
     "INSERT INTO outbox (audience_key, user_id, value, contact, run_id, version, priority,"
-    " state, attempts, queued_at)"
-    " SELECT l.audience_key, l.user_id, l.value, {contact}, :run, 1, :prio, 'pending', 0, :now"
+    " state, attempts, queued_at, attempted)"
+    " SELECT l.audience_key, l.user_id, l.value, {contact}, :run, 1, :prio, 'pending', 0, :now,"
+    " TRUE"
     " FROM ledger l LEFT JOIN snapshot s"
     " ON s.audience_key = l.audience_key AND s.user_id = l.user_id"
     " WHERE l.audience_key = :k AND l.user_id = :u AND "

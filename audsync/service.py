@@ -49,6 +49,7 @@ from audsync.errors import (
     describe,
 )
 from audsync.gleap import GleapClient
+from audsync.gleap_read import GleapReader, ReadResult
 from audsync.history import (
     claim_delivering_runs,
     close_open_runs,
@@ -59,6 +60,7 @@ from audsync.history import (
 from audsync.metrics import Metrics
 from audsync.plan import ensure_audience, withdraw
 from audsync.prune import prune_and_log
+from audsync.readback import VerifyReport, make_reader, run_verify
 from audsync.signals import relay_signals
 from audsync.source import open_source
 from audsync.state import open_configured
@@ -148,6 +150,11 @@ class Daemon:
         self._deliverer = threading.Thread(
             target=self._deliver_loop, name="audsync-deliverer", daemon=True
         )
+        self.reader: GleapReader | None = None
+        if config.verify.sample_per_run > 0:
+            self.reader = make_reader(config, observer=metrics)
+        self._drifting: set[str] = set()
+        """Audiences the last drift alert said were over [verify] max_drift."""
 
     # -- life cycle ---------------------------------------------------------------
 
@@ -237,6 +244,8 @@ class Daemon:
         close_open_runs(self.state, "interrupted", "daemon stopped; pending changes stay queued")
         self._beat("stopped", None)
         self.client.close()
+        if self.reader is not None:
+            self.reader.close()
         log.info("audsync daemon stopped")
 
     # -- planning -------------------------------------------------------------------
@@ -295,8 +304,99 @@ class Daemon:
                 result.queued,
                 f"; HELD: {result.held}" if result.held else "",
             )
+        self.audit(trigger)
         self._beat_job()
         return outcome
+
+    # -- the continuous audit ---------------------------------------------------------
+
+    def audit(self, trigger: str) -> VerifyReport | None:
+        """Read ``[verify] sample_per_run`` users back after a plan: drift metrics, an
+        alert when an audience's drift rate crosses ``max_drift``, and with ``repair``
+        a ``repair`` run queued for this daemon's deliverer. Never raises."""
+        if self.reader is None or self.stopping.is_set():
+            return None
+        settings = self.config.verify
+        try:
+            report = run_verify(
+                self.config,
+                sample=settings.sample_per_run,
+                repair=settings.repair,
+                deliver_repair=False,  # the deliverer thread sends them
+                trigger=trigger,
+                reader=self.reader,
+                state=self.state,
+                stop=self.stopping.is_set,
+                on_read=self._count_read,
+            )
+        except (AudsyncError, SQLAlchemyError) as exc:
+            log.error("audit failed: %s", describe(exc))
+            return None
+        s = report.summary
+        low, high = s.ci95
+        log.info(
+            "audit: %d users read back, %d drifted (%d missing), drift %.2f%% (95%% CI"
+            " %.2f%%-%.2f%%), %d not verified%s",
+            s.checked,
+            s.drifted,
+            s.missing,
+            100 * s.drift_rate,
+            100 * low,
+            100 * high,
+            report.unverified,
+            f"; {report.repair.queued} changes queued again" if report.repair else "",
+        )
+        for failure in report.failures[:3]:
+            log.warning("audit: read of %s failed: %s", failure.user_id, failure.error)
+        if self.metrics is not None:
+            self.metrics.audited(
+                {key: f.drift_rate for key, f in s.by_audience.items() if f.checked}
+            )
+        self._drift_alerts(report)
+        return report
+
+    def _count_read(self, result: ReadResult) -> None:
+        if self.metrics is not None:
+            self.metrics.read(
+                "failed" if not result.ok else "missing" if result.missing else "contact"
+            )
+
+    def _drift_alerts(self, report: VerifyReport) -> None:
+        max_drift = self.config.verify.max_drift
+        for key, figures in report.summary.by_audience.items():
+            if not figures.checked:
+                continue
+            event = alerts.drift_transition(key in self._drifting, figures.drift_rate, max_drift)
+            if event is None:
+                continue
+            low, high = figures.ci95
+            if event == "drift":
+                log.warning(
+                    "%s: drift %.2f%% of %d users read back, over max_drift %.2f%%",
+                    key,
+                    100 * figures.drift_rate,
+                    figures.checked,
+                    100 * max_drift,
+                )
+            message = {
+                "source": "audsync",
+                "audience": key,
+                "event": event,
+                "state": "drift" if event == "drift" else "ok",
+                "previous": "ok" if event == "drift" else "drift",
+                "drift_rate": figures.drift_rate,
+                "ci95": [low, high],
+                "checked": figures.checked,
+                "drifted": figures.drifted,
+                "missing": figures.missing,
+                "max_drift": max_drift,
+                "at": utcnow(),
+            }
+            if not self.config.alert_webhook_url or alerts.post(
+                self.config.alert_webhook_url, message
+            ):
+                # Unsent, the state is kept as it was: the next audit tries again.
+                (self._drifting.add if event == "drift" else self._drifting.discard)(key)
 
     # -- delivery -------------------------------------------------------------------
 
@@ -448,6 +548,8 @@ def run_daemon(
     """
     config.require_token()
     config.require_source()
+    if config.verify.sample_per_run > 0:
+        config.require_reader()  # the audit reads with the v3 key: exit 2 before starting
     state = open_configured(config)
     metrics = Metrics(state, config) if metrics_port is not None else None
     daemon = Daemon(

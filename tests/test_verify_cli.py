@@ -9,20 +9,29 @@ exactly those, read with both headers, never write or send anything without
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from conftest import TOKEN, Warehouse, seed
+from helpers import assert_counts_add_up, dump_state, query, run_cli
+from test_operability import Receiver
 
 from audsync.sandbox import Sandbox
-from tests.conftest import TOKEN, Warehouse, seed
-from tests.helpers import assert_counts_add_up, dump_state, query, run_cli
 
 READ_TOKEN = "read-key-5ecr3t-v3"
 PROJECT = "proj-4242"
 USERS = 60  # vip: i % 3 == 0 (20), buyers: i % 2 == 0 (30), revenue: i % 5 != 0 (48)
 HOLDERS = 56  # users in at least one of them: all but 5, 25, 35 and 55
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    hook = Receiver()
+    yield hook
+    hook.close()
 
 
 @pytest.fixture
@@ -356,3 +365,88 @@ def test_demo_ends_with_a_verify_that_finds_and_repairs_its_drift(
     assert "repair: 2 changes queued again; 2 delivered, 0 failed, 0 pending" in repaired
     assert "no drift found" in clean
     assert "demo-read-key" not in out + err
+
+
+VERIFY_EVERYONE = "[verify]\nsample_per_run = 1000\nmax_drift = 0.05\nrepair = true\n"
+
+
+def test_the_daemon_audits_after_a_plan_alerts_on_drift_and_queues_a_repair(
+    synced: Path,
+    make_config: Any,
+    gleap: Sandbox,
+    capsys: pytest.CaptureFixture[str],
+    state_url: str,
+    receiver: Receiver,
+) -> None:
+    from audsync.metrics import Metrics
+    from audsync.service import Daemon
+    from audsync.state import open_state
+
+    _, config = make_config(
+        max_retries=1,
+        extra=f'[alerts]\nwebhook_url = "{receiver.url}"\n{VERIFY_EVERYONE}',
+    )
+    gleap.drop_contact("3")  # vip + revenue
+    gleap.edit_contact("9", {"vip_customers": False})
+    state = open_state(state_url)
+    metrics = Metrics(state, config)
+    daemon = Daemon(config, state=state, install_signals=False, metrics=metrics)
+    try:
+        daemon.plan("schedule")
+        ratio = metrics.registry.get_sample_value
+        assert ratio("audsync_drift_ratio", {"audience": "vip_customers"}) == pytest.approx(2 / 20)
+        assert ratio("audsync_drift_ratio", {"audience": "revenue"}) == pytest.approx(1 / 48)
+        assert ratio("audsync_drift_ratio", {"audience": "buyers"}) == 0.0
+        reads = metrics.registry.get_sample_value
+        assert reads("audsync_verify_reads_total", {"outcome": "contact"}) == HOLDERS - 1
+        assert reads("audsync_verify_reads_total", {"outcome": "missing"}) == 1
+        assert reads("audsync_gleap_calls_total", {"endpoint": "read", "outcome": "ok"}) == (
+            HOLDERS - 1
+        )
+        # Only vip_customers is over max_drift (5 %): one alert, with its numbers.
+        assert [(m["audience"], m["event"]) for m in receiver.received] == [
+            ("vip_customers", "drift")
+        ]
+        alert = receiver.received[0]
+        assert (alert["checked"], alert["drifted"], alert["missing"]) == (20, 2, 1)
+        assert alert["drift_rate"] == pytest.approx(0.1) and alert["max_drift"] == 0.05
+        # The repair is queued for the daemon's deliverer (not started here): nothing sent.
+        runs = query(state_url, "SELECT * FROM sync_runs WHERE mode = 'repair' ORDER BY id")
+        assert [(r["audience_key"], r["trigger"], r["queued"]) for r in runs] == [
+            ("revenue", "schedule", 1),
+            ("vip_customers", "schedule", 2),
+        ]
+        assert identify_calls(gleap) == []
+        # A plan before their delivery takes the repairs over instead of withdrawing
+        # them as "no change" (the ledger equals the snapshot), then delivers them.
+        code, _out, err = run_cli(capsys, "-c", str(synced), "sync")
+        assert code == 0, err
+        assert sorted(c["user_id"] for c in identify_calls(gleap)) == ["3", "9"]
+        contact = gleap.contact("3")
+        assert contact is not None and contact["vip_customers"] is True
+        repairs = query(state_url, "SELECT * FROM sync_runs WHERE mode = 'repair' ORDER BY id")
+        assert [(r["superseded"], r["status"]) for r in repairs] == [
+            (1, "succeeded"),
+            (2, "succeeded"),
+        ]
+        daemon.plan("schedule")
+        assert ratio("audsync_drift_ratio", {"audience": "vip_customers"}) == 0.0
+        assert [m["event"] for m in receiver.received] == ["drift", "drift_recovered"]
+        assert_counts_add_up(state_url)
+    finally:
+        daemon.client.close()
+        if daemon.reader is not None:
+            daemon.reader.close()
+        state.dispose()
+
+
+def test_the_daemon_needs_a_read_key_when_it_audits(
+    make_config: Any,
+    capsys: pytest.CaptureFixture[str],
+    reads: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("AUDSYNC_GLEAP_PROJECT")
+    path, _ = make_config(extra=VERIFY_EVERYONE)
+    code, _out, err = run_cli(capsys, "-c", str(path), "run", "--once")
+    assert code == 2 and "gleap.project" in err
