@@ -67,8 +67,8 @@ class SandboxStats:
     missing_prevent_flag: int = 0
     by_status: dict[int, int] = field(default_factory=dict)
     answered: dict[tuple[str, int], int] = field(default_factory=dict)
-    """Answers by (route, status), route ``identify``, ``track``, ``delete`` or ``auth``:
-    counted before the answer is sent, so a client that has its answer is counted."""
+    """Answers by (route, status), route ``identify``, ``track``, ``delete``, ``auth`` or
+    ``read``: counted before the answer is sent, so a client that has its answer is counted."""
 
     def count(self, route: str, ok: bool | None = None) -> int:
         """Answers on ``route``: all, only 2xx (``ok``) or only the others (not ``ok``)."""
@@ -490,6 +490,8 @@ def _route(method: str, path: str) -> str | None:
         return "delete"
     if path == "/admin/auth":
         return "auth"
+    if path.startswith(READ_PREFIX) and method == "GET":
+        return "read"
     return None
 
 
