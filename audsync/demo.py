@@ -258,7 +258,7 @@ def run_demo(users: int = 3000, keep: str | None = None) -> int:
 
 
 def _drift_and_repair(gleap: Sandbox, config_path: Path) -> int:
-    """Drift two contacts behind audsync's back, then verify, repair, verify again."""
+    """Drift two contacts behind audsync's back, then verify and repair, and verify again."""
     from audsync.cli import main
 
     members = sorted(
@@ -273,12 +273,10 @@ def _drift_and_repair(gleap: Sandbox, config_path: Path) -> int:
     gleap.edit_contact(edited, {DRIFT_AUDIENCE: False})
     base = ["-c", str(config_path), "--log-level", "WARNING", "verify", DRIFT_AUDIENCE]
     base += ["--sample", str(len(members)), "--progress", "off"]
-    print(f"\n== 7. audsync verify {DRIFT_AUDIENCE}: read the contacts back (exit 1: drift)")
-    code = main(base)
-    print(f"   exit {code}")
-    print(f"\n== 8. audsync verify {DRIFT_AUDIENCE} --repair: send the ledger's values again")
+    print(f"\n== 7. audsync verify {DRIFT_AUDIENCE} --repair: read the contacts back, find")
+    print("   the drift, and send the ledger's values again")
     code = main([*base, "--repair"])
     if code:
         return code
-    print(f"\n== 9. audsync verify {DRIFT_AUDIENCE}: no drift left (exit 0)")
+    print(f"\n== 8. audsync verify {DRIFT_AUDIENCE}: no drift left (exit 0)")
     return main(base)
