@@ -663,6 +663,8 @@ def bad_values(tmp_path: Path, port: int) -> dict[str, list[list[str]]]:
         "sync": [["no_such_key"], missing],
         "retry-failed": [["no_such_key"], missing],
         "forget": [[]],
+        # No read key or project configured: verify cannot read anything.
+        "verify": [[], ["no_such_key"], ["--sample", "0"], missing],
         "history": [["--limit", "0"], ["--audience", "typo"], missing],
         "report": [
             ["--html", str(tmp_path / "r.html"), "--runs", "0"],
