@@ -21,7 +21,7 @@ from sqlalchemy import Connection, Engine, select, text
 
 from audsync import locks, models
 from audsync.clock import utcnow
-from audsync.config import Config
+from audsync.config import CONTACTS_KEY, Config
 from audsync.errors import Interrupted
 from audsync.gleap import CallObserver, GleapClient
 from audsync.gleap_read import GleapReader, ReadResult
@@ -43,8 +43,6 @@ log = logging.getLogger("audsync.verify")
 
 Printer = Callable[[str], None]
 
-CONTACT_KEY_PREFIX = "@"
-"""Keys that are never sent themselves (``@contacts``): only their contact fields count."""
 
 ID_BATCH = 500
 """User ids per ``IN (...)`` when loading the sample's ledger rows."""
@@ -251,18 +249,12 @@ def ledger_users(conn: Connection, keys: Sequence[str]) -> Iterator[str]:
         yield row[0]
 
 
-def _has_contact_ledger() -> bool:
-    # The contact ledger (ledger.contact) is kept from schema 0009 on.
-    return "contact" in models.ledger.c
-
-
 def load_expectations(
     conn: Connection, keys: Sequence[str], users: Sequence[str]
 ) -> dict[str, list[Expected]]:
     """What the ledger says Gleap holds for each of ``users`` under ``keys``, with the
     values queued for them (a change in flight may already be applied)."""
     l, o = models.ledger.c, models.outbox.c  # noqa: E741
-    with_contact = _has_contact_ledger()
     expected: dict[str, list[Expected]] = {u: [] for u in users}
     for start in range(0, len(users), ID_BATCH):
         batch = list(users[start : start + ID_BATCH])
@@ -274,21 +266,19 @@ def load_expectations(
                 )
             )
         }
-        columns = [l.user_id, l.audience_key, l.value]
-        if with_contact:
-            columns.append(l["contact"])
         for row in conn.execute(
-            select(*columns)
+            select(l.user_id, l.audience_key, l.value, l.contact)
             .where(l.user_id.in_(batch), l.audience_key.in_(list(keys)))
             .order_by(l.user_id, l.audience_key)
         ):
-            contact = _object(row[3]) if with_contact else {}
+            contact = _object(row[3])
             queued = pending.get((row[0], row[1]))
             expected[row[0]].append(
                 Expected(
                     key=row[1],
                     value=json.loads(row[2]),
-                    send_value=not row[1].startswith(CONTACT_KEY_PREFIX),
+                    # [contacts]'s key is never sent itself: only its fields count.
+                    send_value=row[1] != CONTACTS_KEY,
                     contact=contact,
                     pending=(json.loads(queued[0]),) if queued else (),
                     pending_contacts=(_object(queued[1]),) if queued else (),
@@ -429,7 +419,10 @@ def run_verify(
 _QUEUE_REPAIR = (
     "INSERT INTO outbox (audience_key, user_id, value, contact, run_id, version, priority,"
     " state, attempts, queued_at, attempted)"
-    " SELECT l.audience_key, l.user_id, l.value, {contact}, :run, 1, :prio, 'pending', 0, :now,"
+    # The contact fields Gleap acknowledged; a row from before the contact ledger has
+    # none, and then the last plan's snapshot is the best knowledge of them.
+    " SELECT l.audience_key, l.user_id, l.value, COALESCE(l.contact, s.contact), :run, 1, :prio,"
+    " 'pending', 0, :now,"
     " TRUE"
     " FROM ledger l LEFT JOIN snapshot s"
     " ON s.audience_key = l.audience_key AND s.user_id = l.user_id"
@@ -454,8 +447,7 @@ def queue_repairs(
     by_key: dict[str, set[str]] = {}
     for drift in summary.drifts:
         by_key.setdefault(drift.key, set()).add(drift.user_id)
-    contact = "COALESCE(l.contact, s.contact)" if _has_contact_ledger() else "s.contact"
-    statement = text(_QUEUE_REPAIR.format(contact=contact))
+    statement = text(_QUEUE_REPAIR)
     run_ids: list[int] = []
     queued_total = 0
     holder = locks.holder_identity()

@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import TOKEN, Warehouse, seed
+from conftest import AUDIENCES, TOKEN, Warehouse, seed
 from helpers import assert_counts_add_up, dump_state, query, run_cli
 from test_operability import Receiver
 
@@ -150,13 +150,11 @@ def test_text_output_names_the_drift(
 def test_repair_converges_and_is_recorded_as_a_repair_run(
     synced: Path, gleap: Sandbox, capsys: pytest.CaptureFixture[str], state_url: str
 ) -> None:
-    # A second plan keeps the query's contact columns in the snapshot (a first plan
-    # writes straight to the outbox): the repair sends them with the keys.
-    code, _out, err = run_cli(capsys, "-c", str(synced), "sync")
-    assert code == 0, err
     gleap.drop_contact("3")
     gleap.edit_contact("9", {"vip_customers": False, "email": "changed@x.io"})
     gleap.drop_attribute("4", "buyers")
+    # Right after a first sync (no snapshot yet) the contact ledger knows the fields.
+    assert query(state_url, "SELECT COUNT(*) AS n FROM snapshot") == [{"n": 0}]
     code, report, err = verify(capsys, synced, "--sample", "1000", "--repair")
     assert code == 0, err
     assert report["drifted"] == 3
@@ -169,6 +167,7 @@ def test_repair_converges_and_is_recorded_as_a_repair_run(
     assert contact is not None
     assert contact["vip_customers"] is True and contact["revenue"] == 3.0
     assert contact["email"] == "p3@x.io"
+    assert gleap.contact("9")["email"] == "p9@x.io"  # type: ignore[index]
     runs = query(state_url, "SELECT * FROM sync_runs WHERE mode = 'repair' ORDER BY audience_key")
     assert [(r["audience_key"], r["queued"], r["delivered"], r["status"]) for r in runs] == [
         ("buyers", 1, 1, "succeeded"),
@@ -455,3 +454,45 @@ def test_the_daemon_needs_a_read_key_when_it_audits(
     path, _ = make_config(extra=VERIFY_EVERYONE)
     code, _out, err = run_cli(capsys, "-c", str(path), "run", "--once")
     assert code == 2 and "gleap.project" in err
+
+
+def test_contact_fields_from_the_contact_ledger_drift_and_are_repaired(
+    make_config: Any,
+    gleap: Sandbox,
+    warehouse: Warehouse,
+    capsys: pytest.CaptureFixture[str],
+    state_url: str,
+    reads: None,
+) -> None:
+    gleap.read_token, gleap.project = READ_TOKEN, PROJECT
+    seed(warehouse, USERS)
+    path, _ = make_config(
+        max_retries=1,
+        body=AUDIENCES + '[contacts]\nsql = "SELECT id AS user_id, email AS plan FROM people"\n',
+    )
+    code, _out, err = run_cli(capsys, "-c", str(path), "sync")
+    assert code == 0, err
+    gleap.reset_calls()
+    gleap.edit_contact("9", {"email": "hand@edit.io"})  # a field vip_customers sent
+    gleap.edit_contact("10", {"plan": "gold"})  # a field only [contacts] sent
+    gleap.edit_contact("11", {"lastActivity": "2030-01-01T00:00:00.000Z"})  # Gleap's own
+    code, report, err = verify(capsys, path, "--sample", "1000")
+    assert code == 1, err
+    assert report["drifted"] == 2 and report["missing"] == 0
+    assert report["by_audience"]["vip_customers"]["drifted"] == 1
+    assert report["by_audience"]["@contacts"]["drifted"] == 1
+    assert report["by_audience"]["@contacts"]["checked"] == USERS
+    examples = {(e["user_id"], e["key"], e["field"]): e for e in report["examples"]}
+    assert examples[("9", "vip_customers", "email")]["gleap"] == "hand@edit.io"
+    assert examples[("9", "vip_customers", "email")]["ledger"] == "p9@x.io"
+    assert examples[("10", "@contacts", "plan")]["ledger"] == "p10@x.io"
+    assert identify_calls(gleap) == []
+    code, report, err = verify(capsys, path, "--sample", "1000", "--repair")
+    assert code == 0, err
+    calls = {c["user_id"]: c["body"] for c in identify_calls(gleap)}
+    assert set(calls) == {"9", "10"}
+    assert calls["9"]["email"] == "p9@x.io" and calls["9"]["vip_customers"] is True
+    assert calls["10"]["plan"] == "p10@x.io" and "@contacts" not in calls["10"]
+    code, report, err = verify(capsys, path, "--sample", "1000")
+    assert code == 0 and report["drifted"] == 0, err
+    assert_counts_add_up(state_url)
