@@ -18,6 +18,7 @@ from tests.helpers import (
     TOKEN,
     MakeConfig,
     Process,
+    Receiver,
     Warehouse,
     fresh_pg_database,
     write_config,
@@ -89,3 +90,11 @@ def processes() -> Iterator[list[Process]]:
     yield started
     for process in started:
         process.stop()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    """A local webhook receiver for alerts, closed at the end of the test."""
+    hook = Receiver()
+    yield hook
+    hook.close()

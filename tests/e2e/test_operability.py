@@ -6,14 +6,12 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from audsync.sandbox import Sandbox
-from tests.helpers import TOKEN, MakeConfig, Warehouse, run_cli
+from tests.helpers import TOKEN, MakeConfig, Receiver, Warehouse, run_cli
 
 
 def test_json_logs_one_object_per_line_and_never_the_token(
@@ -86,42 +84,6 @@ def test_alert_transition(previous: str | None, status: str, state: str | None) 
     from audsync.alerts import alert_transition
 
     assert alert_transition(previous, status) == state
-
-
-class Receiver:
-    """A local webhook receiver recording the JSON it is sent."""
-
-    def __init__(self) -> None:
-        import threading
-        from http.server import BaseHTTPRequestHandler, HTTPServer
-
-        received: list[dict[str, Any]] = []
-        self.received = received
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                received.append(json.loads(self.rfile.read(length)))
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = HTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    hook = Receiver()
-    yield hook
-    hook.close()
 
 
 def test_webhook_fires_once_when_failing_and_once_when_recovered(

@@ -7,13 +7,11 @@ import datetime as dt
 import json
 import signal
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, insert
-from test_operability import Receiver
 
 from audsync import models
 from audsync.defaults import DEFAULT_CONCURRENCY
@@ -24,6 +22,7 @@ from tests.helpers import (
     TOKEN,
     MakeConfig,
     Process,
+    Receiver,
     Warehouse,
     assert_counts_add_up,
     query,
@@ -42,13 +41,6 @@ sql = "SELECT id AS user_id, email FROM people WHERE vip = 1"
 name = "Revenue"
 sql = "SELECT id AS user_id, revenue AS value FROM people WHERE revenue IS NOT NULL"
 """
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    hook = Receiver()
-    yield hook
-    hook.close()
 
 
 def users(n: int, status: int | None = 400) -> dict[str, int | None]:

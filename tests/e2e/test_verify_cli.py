@@ -9,19 +9,18 @@ exactly those, read with both headers, never write or send anything without
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from test_operability import Receiver
 
 from audsync.sandbox import Sandbox
 from tests.helpers import (
     AUDIENCES,
     TOKEN,
     MakeConfig,
+    Receiver,
     Warehouse,
     assert_counts_add_up,
     dump_state,
@@ -34,13 +33,6 @@ READ_TOKEN = "read-key-5ecr3t-v3"
 PROJECT = "proj-4242"
 USERS = 60  # vip: i % 3 == 0 (20), buyers: i % 2 == 0 (30), revenue: i % 5 != 0 (48)
 HOLDERS = 56  # users in at least one of them: all but 5, 25, 35 and 55
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    hook = Receiver()
-    yield hook
-    hook.close()
 
 
 @pytest.fixture
