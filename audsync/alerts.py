@@ -17,7 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from audsync import models
 from audsync.clock import utcnow
 from audsync.errors import describe
-from audsync.report import jsonable
+from audsync.text_tables import jsonable
 
 log = logging.getLogger("audsync.alerts")
 

@@ -18,7 +18,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -32,21 +32,18 @@ from audsync.errors import (
     EXIT_USAGE,
     AudsyncError,
     ConfigError,
-    GleapError,
-    SourceError,
     describe,
     one_line,
     redact,
     use_secrets,
 )
 from audsync.progress import PROGRESS_CHOICES, make_progress
-from audsync.report import duration, jsonable, table
+from audsync.text_tables import duration, jsonable, table
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
     from audsync.deliver import DeliveryReport
-    from audsync.plan import PlanResult
     from audsync.sync import SyncOutcome
 
 log = logging.getLogger("audsync")
@@ -552,8 +549,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
         )
         print(
             f"{outcome.dry_run_calls:,} Identify calls, about "
-            f"{duration(outcome.dry_run_seconds)} at {config.gleap.rate_limit} calls per "
-            f"{duration(config.gleap.rate_window)}"
+            f"{duration(outcome.dry_run_seconds)} at {_rate(config)}"
         )
         held = _report_held(outcome.plans)
         return EXIT_FAILED if outcome.errors or held else EXIT_OK
@@ -581,7 +577,23 @@ def _delivery_lines(report: DeliveryReport) -> list[str]:
     return lines
 
 
-def _report_held(plans: Sequence[PlanResult]) -> int:
+class _MaybeHeld(Protocol):
+    """A plan, or a check's estimate of one: what the circuit breaker would say."""
+
+    @property
+    def key(self) -> str: ...
+    @property
+    def kind_label(self) -> str: ...
+    @property
+    def held(self) -> str | None: ...
+
+
+def _rate(config: Config) -> str:
+    """The configured budget as every command quotes it: ``1000 calls per 1m``."""
+    return f"{config.gleap.rate_limit} calls per {duration(config.gleap.rate_window)}"
+
+
+def _report_held(plans: Sequence[_MaybeHeld]) -> int:
     """One error line per plan the circuit breaker would hold; returns how many.
 
     A dry run or ``check`` that finds one exits 1: following it with ``sync``
@@ -715,14 +727,12 @@ def _confirm_forget(user_ids: Sequence[str]) -> bool:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from audsync.readback import render_report, run_verify
-    from audsync.state import open_configured, open_for_reading
 
     config = _config(args)
     config.select(args.keys)  # an unknown key, a missing read key: exit 2 before any read
     config.require_reader()
     if args.repair:
         config.require_token()
-    state = open_configured(config) if args.repair else open_for_reading(config)
     with _warm_stop() as stopping, make_progress(args.progress, sys.stderr) as progress:
         report = run_verify(
             config,
@@ -730,7 +740,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
             sample=args.sample,
             repair=args.repair,
             wait_delivery=args.wait,
-            state=state,
             stop=stopping.is_set,
             echo=lambda line: log.info(line),
             progress=progress,
@@ -810,116 +819,100 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+STATUS_COLUMNS = [
+    "key",
+    "kind",
+    "configured",
+    "members",
+    "last_status",
+    "last_planned_at",
+    "last_success_at",
+    "pending",
+    "parked_failures",
+]
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    from audsync.state import describe_state, open_for_reading
-    from audsync.status import collect_status
+    from audsync.status import status
 
     config = _config(args, require_file=False)
-    state = open_for_reading(config)
-    info = collect_status(state, config)
-    info["state_db"] = describe_state(config)
-    for audience in info["audiences"]:
-        audience["eta"] = duration(audience["eta_seconds"]) if audience["pending"] else "-"
+    found = status(config)
+    info = found.as_dict()
+    for row, audience in zip(info["audiences"], found.audiences, strict=True):
+        row["eta"] = duration(audience.eta_seconds) if audience.pending else "-"
     if args.json:
         print(json.dumps(jsonable(info), indent=2))
         return EXIT_OK
-    print(f"state DB: {info['state_db']}")
-    if info["audiences"]:
-        print(
-            table(
-                info["audiences"],
-                [
-                    "key",
-                    "kind",
-                    "configured",
-                    "members",
-                    "last_status",
-                    "last_planned_at",
-                    "last_success_at",
-                    "pending",
-                    "parked_failures",
-                ],
-            )
-        )
-    for daemon in info["daemons"]:
+    print(f"state DB: {found.state_db}")
+    if found.audiences:
+        print(table(info["audiences"], STATUS_COLUMNS))
+    for daemon in found.daemons:
         why = {
             "exited": "not running: its process has exited without stopping",
             "stale": "not running, or cut off: no heartbeat since",
-        }.get(daemon["state"])
+        }.get(daemon.state)
         print(
-            f"daemon: {daemon['host']} pid {daemon['pid']} "
-            + (f"({daemon['state']}), last beat" if why is None else f"({why})")
-            + f" {daemon['beat_at']:%Y-%m-%d %H:%M:%S} UTC"
+            f"daemon: {daemon.host} pid {daemon.pid} "
+            + (f"({daemon.state}), last beat" if why is None else f"({why})")
+            + f" {daemon.beat_at:%Y-%m-%d %H:%M:%S} UTC"
         )
-    if info["next_run_at"] is not None:
-        print(f"next scheduled plan: {info['next_run_at']:%Y-%m-%d %H:%M:%S} UTC")
-    elif not any(d["alive"] for d in info["daemons"]):
+    if found.next_run_at is not None:
+        print(f"next scheduled plan: {found.next_run_at:%Y-%m-%d %H:%M:%S} UTC")
+    elif not any(d.alive for d in found.daemons):
         print("next scheduled plan: none (no daemon is running; start one with `audsync run`)")
-    lease = info["delivery_lease"]
+    lease = found.delivery_lease
     print(
-        f"pending: {info['pending_users']:,} users, about {duration(info['eta_seconds'])} "
-        f"at {config.gleap.rate_limit} calls per {duration(config.gleap.rate_window)}"
+        f"pending: {found.pending_users:,} users, about {duration(found.eta_seconds)} "
+        f"at {_rate(config)}"
     )
-    print(f"delivering: {lease['host']} pid {lease['pid']}" if lease else "delivering: nobody")
+    print(f"delivering: {lease.host} pid {lease.pid}" if lease else "delivering: nobody")
     return EXIT_OK
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from sqlalchemy import text
-
-    from audsync.source import StreamStats, first_line, open_source, stream_snapshot
-    from audsync.sync import make_client
+    from audsync.check import check_queries, check_token, next_sync
+    from audsync.source import open_source
 
     config = _config(args)
     print(f"config {config.path}: ok ({len(config.definitions)} audiences and traits)")
     for note in config.notes:
         print(f"config {config.path}: {note}")
     problems = 0
-    try:
-        with make_client(config, max_retries=1) as client:
-            client.check_token()
+    token_problem = check_token(config)
+    if token_problem is None:
         print(f"gleap {config.gleap.base_url}: token accepted")
-    except GleapError as exc:
-        _error(str(exc))
+    else:
+        _error(token_problem)
         problems += 1
     source = open_source(config.require_source())
     print("source: reachable")
-    for definition in config.definitions:
-        probe = f"SELECT COUNT(*) FROM (\n{definition.sql}\n) audsync_q"
-        try:
-            rows = stream_snapshot(source, definition, 1, StreamStats(), keys=config.key_kinds())
-            next(iter(rows), None)
-            with source.connect() as conn:
-                count = conn.execute(text(probe)).scalar_one()
-            print(f"{definition.kind} {definition.key}: ok ({count:,} rows)")
-        except SourceError as exc:
-            _error(str(exc))
-            problems += 1
-        except SQLAlchemyError as exc:
-            _error(f"{definition.kind} {definition.key!r}: query failed: {first_line(exc)}")
-            problems += 1
+    try:
+        for query in check_queries(config, source):
+            if query.problem is None:
+                print(f"{query.kind} {query.key}: ok ({query.rows:,} rows)")
+            else:
+                _error(query.problem)
+                problems += 1
+    finally:
+        source.dispose()
     if problems:
         return EXIT_FAILED
-    from audsync.sync import run_sync
-
-    plan = run_sync(config, dry_run=True)
-    rate = f"{config.gleap.rate_limit} calls per {duration(config.gleap.rate_window)}"
-    for result in plan.plans:
-        if result.held:
+    estimate = next_sync(config)
+    for plan in estimate.plans:
+        if plan.held:
             continue  # said below, as an error
-        alone = result.queued * config.gleap.rate_window / config.gleap.rate_limit
         print(
-            f"{result.kind_label} {result.key}: the next sync would make {result.queued:,}"
-            f" calls (about {duration(alone)} on its own)"
+            f"{plan.kind_label} {plan.key}: the next sync would make {plan.calls:,}"
+            f" calls (about {duration(plan.seconds)} on its own)"
         )
     print(
-        f"next sync: {plan.dry_run_calls:,} Identify calls in all (one per changed user),"
-        f" about {duration(plan.dry_run_seconds)} at {rate}"
+        f"next sync: {estimate.calls:,} Identify calls in all (one per changed user),"
+        f" about {duration(estimate.seconds)} at {_rate(config)}"
     )
-    for message in plan.errors:
+    for message in estimate.errors:
         _error(message)
-    held = _report_held(plan.plans)
-    return EXIT_FAILED if held or plan.errors else EXIT_OK
+    held = _report_held(estimate.plans)
+    return EXIT_FAILED if held or estimate.errors else EXIT_OK
 
 
 def cmd_db(args: argparse.Namespace) -> int:

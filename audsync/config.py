@@ -32,9 +32,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from audsync import defaults
-from audsync.errors import ConfigError
+from audsync.errors import ConfigError, NoLatinForm
 from audsync.keys import (
-    NoLatinForm,
     choose_key,
     derive_key,
     duplicate_keys,

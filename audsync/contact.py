@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from audsync.defaults import GLEAP_CONTACT_FIELDS
-from audsync.values import UnstorableValue, attribute, checked_text, timestamp
+from audsync.errors import ColumnProblem, UnstorableValue
+from audsync.values import attribute, checked_text, timestamp
 
 INVALID_MARK = "__invalid__"
 """Contact key carrying why a user's row holds a value Gleap cannot store."""
@@ -71,10 +72,6 @@ assert {f.lower() for f in GLEAP_CONTACT_FIELDS} <= {
     *_GLEAP_FIELD_HINTS,
     *RECOGNISED_COLUMNS,
 }, "every Gleap field is either a column or has a hint"
-
-
-class ColumnProblem(ValueError):
-    """A query's columns cannot be sent as they are (the whole audience fails)."""
 
 
 def column_name(raw: str) -> str:

@@ -48,13 +48,13 @@ from audsync.errors import (
     GleapRejectingAll,
     GleapUnavailable,
     Interrupted,
+    PayloadError,
 )
 from audsync.events import EventKinds, pending_events, queue_event, send_events
 from audsync.gleap import (
     IDENTIFY_PATH,
     MAX_EVENTS_PER_CALL,
     GleapClient,
-    PayloadError,
     identify_bodies,
 )
 from audsync.locks import Lease, still_held

@@ -17,11 +17,20 @@
         └── GleapRejectingAll         the first calls of a drain were all rejected (3xx/4xx):
                                       a wrong base_url or an API change, not bad users
 
+    ValueError                        one value, row or name is unusable; the caller turns it
+    │                                 into a per-user failure or one of the errors above
+    ├── UnstorableValue               a value Gleap cannot keep as an attribute (list, NaN, ...)
+    ├── PayloadError                  one user's data cannot be sent to Gleap as it is
+    ├── ColumnProblem                 a query's columns cannot be sent (the whole audience fails)
+    └── NoLatinForm                   a name has no Latin form: its key must be given explicitly
+
 Messages never contain the API token: every error built from an HTTP exchange
 goes through :func:`redact` first, which also knows every secret the config
 loaded (:func:`use_secrets`) in each form a library may print it in.
 :func:`one_line` reduces any exception to one safe line for a log or an
-error message: no traceback, no ``[SQL: ...]``, no ``[parameters: ...]``.
+error message: no traceback, no ``[SQL: ...]``, no ``[parameters: ...]``;
+:func:`first_line` is what a driver said first, for a message that names the
+query or database it is about.
 """
 
 from __future__ import annotations
@@ -123,6 +132,22 @@ class GleapRejectingAll(GleapError):
     acknowledged none: the changes stay queued and no user is blamed for it."""
 
 
+class UnstorableValue(ValueError):
+    """A value Gleap cannot keep as a contact attribute (lists, objects, NaN ...)."""
+
+
+class PayloadError(ValueError):
+    """This user's data cannot be sent to Gleap as it is (a per-user failure)."""
+
+
+class ColumnProblem(ValueError):
+    """A query's columns cannot be sent as they are (the whole audience fails)."""
+
+
+class NoLatinForm(ValueError):
+    """A name holds letters with no Latin form: its key must be given explicitly."""
+
+
 _registered: set[str] = set()
 _registered_lock = threading.Lock()
 
@@ -204,6 +229,16 @@ _SQLALCHEMY_NOISE = re.compile(
 def one_line(text: str) -> str:
     """``text`` on one line: line breaks and other control characters become spaces."""
     return " ".join("".join(c if c.isprintable() else " " for c in text).split())
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of what the driver said (``exc.orig``: no ``(sqlite3.Error)``
+    prefix, no ``[SQL: ...]``) or else of ``exc``; its type when both are empty.
+
+    Unlike :func:`describe` it keeps a DETAIL and redacts nothing: for a message about
+    the user's own query or database, which the caller words and the CLI redacts."""
+    message = str(getattr(exc, "orig", None) or exc).strip()
+    return message.splitlines()[0] if message else type(exc).__name__
 
 
 def describe(exc: BaseException) -> str:

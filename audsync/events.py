@@ -25,12 +25,11 @@ from audsync import models
 from audsync.clock import utcnow
 from audsync.config import Kind
 from audsync.defaults import DEFAULT_OUTAGE_PROBE
-from audsync.errors import GleapRejectingAll
+from audsync.errors import GleapRejectingAll, PayloadError
 from audsync.gleap import (
     MAX_EVENTS_PER_CALL,
     TRACK_PATH,
     GleapClient,
-    PayloadError,
     track_event,
 )
 from audsync.outage import outage_message, outage_verdict

@@ -32,11 +32,13 @@ from audsync.errors import (
     GleapAuthError,
     GleapUnavailable,
     Interrupted,
+    PayloadError,
+    UnstorableValue,
     one_line,
     redact,
 )
 from audsync.pacing import Pacer
-from audsync.values import UnstorableValue, timestamp
+from audsync.values import timestamp
 
 TRACK_PATH = "/admin/track"
 CONTACTS_PATH = "/admin/contacts/"
@@ -51,10 +53,6 @@ REASON_CHARS = 500
 """Characters of Gleap's error text kept in a failure's reason (after redaction)."""
 
 _STANDARD_FIELDS = defaults.GLEAP_CONTACT_FIELDS
-
-
-class PayloadError(ValueError):
-    """This user's data cannot be sent to Gleap as it is (a per-user failure)."""
 
 
 def identify_bodies(

@@ -26,8 +26,8 @@ from audsync.clock import unix_seconds, utcnow
 from audsync.config import Config
 from audsync.defaults import DEFAULT_REPORT_FAILURES, DEFAULT_REPORT_RUNS
 from audsync.history import failures, runs
-from audsync.report import cell, duration
-from audsync.status import collect_status
+from audsync.status import AudienceStatus, collect_status
+from audsync.text_tables import cell, duration
 
 PLANNED_MODES = ("initial", "incremental", "full")
 PROBLEMS = ("failed", "held", "partial", "interrupted")
@@ -48,7 +48,7 @@ HELD_COLOUR = "#dc2626"
 class AudienceReport:
     """Everything the page shows about one audience or trait."""
 
-    status: dict[str, Any]
+    status: AudienceStatus
     runs: list[dict[str, Any]] = field(default_factory=list)  # oldest first
     problems: list[dict[str, Any]] = field(default_factory=list)  # newest first
     failures: list[dict[str, Any]] = field(default_factory=list)  # newest first
@@ -87,8 +87,8 @@ def collect_report(
             ).all()
         )
     audiences = []
-    for row in status["audiences"]:
-        key = row["key"]
+    for row in status.audiences:
+        key = row.key
         if audience is not None and key != audience:
             continue
         history = runs(engine, audience=key, limit=runs_per_audience)
@@ -105,8 +105,8 @@ def collect_report(
     return Report(
         generated_at=now or utcnow(),
         audiences=audiences,
-        pending_users=status["pending_users"],
-        eta_seconds=status["eta_seconds"],
+        pending_users=status.pending_users,
+        eta_seconds=status.eta_seconds,
         rate_text=f"{g.rate_limit:,} calls per {duration(g.rate_window)}",
     )
 
@@ -351,14 +351,14 @@ def render_html(report: Report) -> str:
     """The whole page."""
     summary_rows = [
         {
-            "audience": a.status["key"],
-            "kind": a.status["kind"],
-            "members": a.status["members"],
-            "last plan": a.status["last_planned_at"],
-            "last success": a.status["last_success_at"],
-            "last status": a.status["last_status"],
-            "pending": a.status["pending"],
-            "parked": a.status["parked_failures"],
+            "audience": a.status.key,
+            "kind": a.status.kind,
+            "members": a.status.members,
+            "last plan": a.status.last_planned_at,
+            "last success": a.status.last_success_at,
+            "last status": a.status.last_status,
+            "pending": a.status.pending,
+            "parked": a.status.parked_failures,
         }
         for a in report.audiences
     ]
@@ -395,9 +395,9 @@ def render_html(report: Report) -> str:
 
 def _audience_section(a: AudienceReport) -> str:
     s = a.status
-    key = html.escape(s["key"])
-    status = html.escape(str(s["last_status"] or "-"))
-    css = ' class="bad"' if s["last_status"] in ("failed", "held", "partial") else ""
+    key = html.escape(s.key)
+    status = html.escape(str(s.last_status or "-"))
+    css = ' class="bad"' if s.last_status in ("failed", "held", "partial") else ""
     problems = [
         {
             "run": r["id"],
@@ -411,10 +411,10 @@ def _audience_section(a: AudienceReport) -> str:
     ]
     outbox = [
         {
-            "pending": s["pending"],
-            "parked (failed)": s["parked_failures"],
+            "pending": s.pending,
+            "parked (failed)": s.parked_failures,
             "oldest pending since": a.oldest_pending,
-            "about": duration(s["eta_seconds"]),
+            "about": duration(s.eta_seconds),
         }
     ]
     legend = (
@@ -424,8 +424,8 @@ def _audience_section(a: AudienceReport) -> str:
     )
     return "\n".join(
         [
-            f'<h2 id="{key}">{key} <span class="meta">({html.escape(str(s["kind"]))})</span></h2>',
-            f"<p>Last status: <span{css}>{status}</span>; {cell(s['members'])} members at the"
+            f'<h2 id="{key}">{key} <span class="meta">({html.escape(str(s.kind))})</span></h2>',
+            f"<p>Last status: <span{css}>{status}</span>; {cell(s.members)} members at the"
             f" last plan; runs shown: {len(a.runs)}.</p>",
             "<h3>Members over time</h3>",
             members_chart(a.runs),

@@ -16,12 +16,9 @@ import inflection
 from anyascii import anyascii
 
 from audsync.defaults import GLEAP_CONTACT_FIELDS
+from audsync.errors import NoLatinForm
 
 KEY_PATTERN = re.compile(r"[a-z0-9_]+")
-
-
-class NoLatinForm(ValueError):
-    """A name holds letters with no Latin form: its key must be given explicitly."""
 
 
 def _ascii_fold(char: str) -> str:

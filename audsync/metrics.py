@@ -108,16 +108,16 @@ class StateCollector(Collector):
             "1 while the audience's sync is failing or held by the circuit breaker",
             labels=["audience"],
         )
-        for audience in status["audiences"]:
-            key = audience["key"]
-            depth.add_metric([key, "pending"], audience["pending"])
-            depth.add_metric([key, "failed"], audience["parked_failures"])
-            if audience["members"] is not None:
-                members.add_metric([key], audience["members"])
-            planned_at = unix_seconds(audience["last_planned_at"])
+        for audience in status.audiences:
+            key = audience.key
+            depth.add_metric([key, "pending"], audience.pending)
+            depth.add_metric([key, "failed"], audience.parked_failures)
+            if audience.members is not None:
+                members.add_metric([key], audience.members)
+            planned_at = unix_seconds(audience.last_planned_at)
             if planned_at is not None:
                 planned.add_metric([key], planned_at)
-            failing.add_metric([key], 1 if audience["last_status"] in ("failed", "held") else 0)
+            failing.add_metric([key], 1 if audience.last_status in ("failed", "held") else 0)
 
         ledger = GaugeMetricFamily(
             "audsync_ledger_size", "Users Gleap was told a value for", labels=["audience"]

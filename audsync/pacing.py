@@ -23,6 +23,14 @@ def send_interval(limit: int, window: float, margin: float = DEFAULT_RATE_MARGIN
     return window / (limit * margin)
 
 
+def budget_seconds(calls: int, limit: int, window: float) -> float:
+    """How long ``calls`` take at ``limit`` calls per ``window`` seconds: the one ETA
+    that ``status``, ``check``, a dry run and the report all quote (0 = unlimited)."""
+    if limit <= 0:
+        return 0.0
+    return calls * window / limit
+
+
 class Pacer:
     """Thread-safe pacing under one budget. ``acquire()`` blocks until a send may go."""
 

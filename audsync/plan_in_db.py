@@ -40,12 +40,11 @@ from audsync.contact import (
     NAME_PARTS,
     RECOGNISED_COLUMNS,
     STRING_FIELDS,
-    ColumnProblem,
     map_columns,
 )
 from audsync.defaults import MAX_USER_ID_LENGTH
-from audsync.errors import Interrupted, SourceError
-from audsync.source import StreamStats, cancel_on_stop, first_line, text_order
+from audsync.errors import ColumnProblem, Interrupted, SourceError, first_line
+from audsync.source import StreamStats, cancel_on_stop, text_order
 from audsync.values import ID_HAS_CONTROL, ID_TOO_LONG, dumps
 
 log = logging.getLogger("audsync.plan")

@@ -34,7 +34,7 @@ from rich.table import Column
 from rich.text import Text
 
 from audsync.defaults import DEFAULT_LINE_INTERVAL
-from audsync.report import duration
+from audsync.text_tables import duration
 
 Phase = Literal["querying", "planning", "delivering", "reading"]
 Display = Literal["bars", "lines", "off"]

@@ -50,7 +50,8 @@ from audsync import models
 from audsync.alerts import STATE_OF_STATUS
 from audsync.clock import utcnow
 from audsync.defaults import DEFAULT_PRUNE_BATCH
-from audsync.report import duration
+from audsync.errors import first_line
+from audsync.text_tables import duration
 
 log = logging.getLogger("audsync.prune")
 
@@ -172,7 +173,7 @@ def prune_and_log(engine: Engine, keep: float) -> PruneReport | None:
     try:
         report = prune_history(engine, keep)
     except SQLAlchemyError as exc:
-        log.warning("history not pruned this time: %s", str(exc).splitlines()[0])
+        log.warning("history not pruned this time: %s", first_line(exc))
         return None
     log_prune(report, keep)
     return report

@@ -19,7 +19,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, select, text
 
-from audsync import locks, models
+from audsync import defaults, locks, models
 from audsync.clock import utcnow
 from audsync.config import CONTACTS_KEY, Config
 from audsync.errors import Interrupted
@@ -28,7 +28,7 @@ from audsync.gleap_read import GleapReader, ReadResult
 from audsync.history import runs, set_run, start_run
 from audsync.plan import NOT_FORGOTTEN, PRIORITY_ROUTINE
 from audsync.progress import Progress
-from audsync.report import table
+from audsync.text_tables import table
 from audsync.verify import (
     ABSENT,
     NO_CONTACT,
@@ -332,7 +332,7 @@ def run_verify(
     config: Config,
     keys: Sequence[str] = (),
     *,
-    sample: int,
+    sample: int = defaults.DEFAULT_VERIFY_SAMPLE,
     repair: bool = False,
     wait_delivery: bool = False,
     deliver_repair: bool = True,
@@ -348,15 +348,18 @@ def run_verify(
 ) -> VerifyReport:
     """Verify ``keys`` (every configured audience and trait when empty).
 
-    ``state`` must already be open (read-only use unless ``repair``). Raises
-    ConfigError (no read token or project, an unknown key) before any read.
+    ``state`` is the config's state DB when not given (opened read-only unless
+    ``repair``). Raises ConfigError (no read token or project, an unknown key)
+    before any read.
     """
     definitions = config.select(list(keys))
     key_list = [d.key for d in definitions]
+    if state is None:
+        from audsync.state import open_configured, open_for_reading
+
+        state = open_configured(config) if repair else open_for_reading(config)
     own_reader = reader is None
     reader = reader or make_reader(config)
-    if state is None:
-        raise ValueError("run_verify needs the state DB")
     progress = progress or Progress()
     report = VerifyReport(keys=key_list)
     try:

@@ -22,13 +22,22 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from audsync.config import Definition
 from audsync.contact import INVALID_MARK as INVALID_MARK  # re-exported: the old home
-from audsync.contact import ColumnProblem, map_columns
 from audsync.contact import build_contact as build_contact  # re-exported: the old home
+from audsync.contact import map_columns
 from audsync.drivers import is_missing_driver, missing_driver_hint
-from audsync.errors import AudsyncError, ConfigError, DriverMissing, Interrupted, SourceError
+from audsync.errors import (
+    AudsyncError,
+    ColumnProblem,
+    ConfigError,
+    DriverMissing,
+    Interrupted,
+    SourceError,
+    UnstorableValue,
+    first_line,
+    safe_url,
+)
 from audsync.values import (
     JSON_TRUE,
-    UnstorableValue,
     attribute,
     dumps,
     normalize_user_id,
@@ -85,7 +94,7 @@ def open_source(url: str) -> Engine:
     if missing is not None:
         # Connecting would create an empty database and report "no such table".
         raise ConfigError(
-            f"source DB {_safe_url(url)}", "", f"file {missing} not found (check [source] url)"
+            f"source DB {safe_url(url)}", "", f"file {missing} not found (check [source] url)"
         )
     try:
         engine = create_engine(url)
@@ -95,9 +104,9 @@ def open_source(url: str) -> Engine:
             pass
     except (SQLAlchemyError, ImportError, ValueError) as exc:
         if is_missing_driver(exc):
-            raise DriverMissing(f"source DB {_safe_url(url)}: {missing_driver_hint(url)}") from None
+            raise DriverMissing(f"source DB {safe_url(url)}: {missing_driver_hint(url)}") from None
         raise AudsyncError(
-            f"source DB {_safe_url(url)} cannot be reached: {first_line(exc)}"
+            f"source DB {safe_url(url)} cannot be reached: {first_line(exc)}"
         ) from None
     return engine
 
@@ -338,18 +347,3 @@ def _columns(
         raise SourceError(
             definition.key, f"query failed: {first_line(exc)}", definition.kind
         ) from None
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of a driver error, without SQLAlchemy's boilerplate."""
-    message = str(getattr(exc, "orig", None) or exc).strip()
-    return message.splitlines()[0] if message else type(exc).__name__
-
-
-def _safe_url(url: str) -> str:
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return "<unparseable URL>"

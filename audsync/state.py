@@ -15,7 +15,7 @@ from audsync import migrate, models
 from audsync.config import Config
 from audsync.defaults import DEFAULT_BUSY_TIMEOUT
 from audsync.drivers import is_missing_driver, missing_driver_hint
-from audsync.errors import DriverMissing, StateError, StateMoved, redact, safe_url
+from audsync.errors import DriverMissing, StateError, StateMoved, first_line, redact, safe_url
 
 
 def open_state(
@@ -39,7 +39,7 @@ def open_state(
     except SQLAlchemyError as exc:
         raise StateError(
             f"state DB {engine.url.render_as_string(hide_password=True)} is unusable: "
-            f"{_first_line(exc)}"
+            f"{first_line(exc)}"
         ) from None
     return engine
 
@@ -68,11 +68,6 @@ def _password(url: str) -> str | None:
         return None if password is None else str(password)
     except Exception:
         return None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(getattr(exc, "orig", None) or exc)
-    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
 
 
 def open_configured(config: Config, *, upgrade: bool = True) -> Engine:
@@ -172,7 +167,7 @@ def keys_in_ledger(url: str, busy_timeout: float, keys: Collection[str]) -> set[
     except SQLAlchemyError as exc:
         raise StateError(
             f"state DB {parsed.render_as_string(hide_password=True)}: cannot read which keys"
-            f" Gleap holds: {_first_line(exc)}"
+            f" Gleap holds: {first_line(exc)}"
         ) from None
     finally:
         engine.dispose()

@@ -22,7 +22,14 @@ from sqlalchemy.engine import make_url
 from audsync import alerts, locks, models
 from audsync.config import Config, Definition
 from audsync.deliver import DeliveryReport, deliver, finalize_runs, pending_user_count
-from audsync.errors import AudsyncError, GleapAuthError, Interrupted, LeaseHeld, SourceError
+from audsync.errors import (
+    AudsyncError,
+    GleapAuthError,
+    Interrupted,
+    LeaseHeld,
+    SourceError,
+    first_line,
+)
 from audsync.gleap import GleapClient
 from audsync.history import (
     claim_delivering_runs,
@@ -33,6 +40,7 @@ from audsync.history import (
     set_run,
     start_run,
 )
+from audsync.pacing import budget_seconds
 from audsync.plan import (
     PlanResult,
     choose_mode,
@@ -43,7 +51,7 @@ from audsync.plan import (
 )
 from audsync.progress import Progress
 from audsync.prune import prune_and_log
-from audsync.source import first_line, open_source
+from audsync.source import open_source
 from audsync.state import open_configured, open_state, refuse_second_ledger
 
 Printer = Callable[[str], None]
@@ -555,7 +563,7 @@ def _dry_run(
             tx.rollback()
     source.dispose()
     g = config.gleap
-    outcome.dry_run_seconds = outcome.dry_run_calls * g.rate_window / g.rate_limit
+    outcome.dry_run_seconds = budget_seconds(outcome.dry_run_calls, g.rate_limit, g.rate_window)
     return outcome
 
 

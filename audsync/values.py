@@ -16,14 +16,11 @@ from decimal import Decimal
 from typing import Any
 
 from audsync.defaults import MAX_USER_ID_LENGTH
+from audsync.errors import UnstorableValue
 
 JSON_TRUE = "true"
 JSON_FALSE = "false"
 JSON_NULL = "null"
-
-
-class UnstorableValue(ValueError):
-    """A value Gleap cannot keep as a contact attribute (lists, objects, NaN ...)."""
 
 
 def dumps(value: Any) -> str:

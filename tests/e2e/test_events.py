@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
+from audsync.errors import PayloadError
 from audsync.events import transition_event
-from audsync.gleap import PayloadError, event_name, track_bodies, track_event
+from audsync.gleap import event_name, track_bodies, track_event
 from audsync.sandbox import Sandbox
 from tests.helpers import MakeConfig, Warehouse, assert_counts_add_up, query, run_cli
 

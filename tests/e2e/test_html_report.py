@@ -30,6 +30,7 @@ from audsync.html_report import (
     scale,
 )
 from audsync.sandbox import Sandbox
+from audsync.status import AudienceStatus
 from tests.helpers import TOKEN, Warehouse, query, run_cli
 
 T0 = dt.datetime(2026, 11, 1, 6, 0)
@@ -162,17 +163,18 @@ def test_changes_chart_has_a_bar_per_kind_of_change() -> None:
 
 def test_every_value_on_the_page_is_escaped() -> None:
     hostile = "<script>alert('x')</script>"
-    status = {
-        "key": "vip",
-        "kind": "audience",
-        "members": 0,
-        "last_planned_at": None,
-        "last_success_at": None,
-        "last_status": "failed",
-        "pending": 0,
-        "parked_failures": 1,
-        "eta_seconds": 0.0,
-    }
+    status = AudienceStatus(
+        key="vip",
+        kind="audience",
+        configured=True,
+        members=0,
+        last_planned_at=None,
+        last_success_at=None,
+        last_status="failed",
+        pending=0,
+        parked_failures=1,
+        eta_seconds=0.0,
+    )
     failure = {
         "run_id": 1,
         "user_id": hostile,

@@ -8,9 +8,7 @@ import httpx
 import pytest
 
 from audsync.errors import GleapAuthError, GleapUnavailable
-from audsync.gleap import (
-    GleapClient,
-)
+from audsync.gleap import GleapClient
 from audsync.sandbox import Sandbox
 from tests.helpers import TOKEN
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from audsync.contact import INVALID_MARK, ColumnProblem, build_contact, column_name, map_columns
+from audsync.contact import INVALID_MARK, build_contact, column_name, map_columns
+from audsync.errors import ColumnProblem
 
 KEYS = {"vip": "audience", "lifetime_value": "trait", "churn_risk": "audience"}
 

@@ -6,8 +6,8 @@ import email.utils
 
 import pytest
 
+from audsync.errors import PayloadError
 from audsync.gleap import (
-    PayloadError,
     backoff_delay,
     identify_bodies,
     parse_retry_after,

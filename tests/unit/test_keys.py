@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
+from audsync.errors import NoLatinForm
 from audsync.keys import (
-    NoLatinForm,
     choose_key,
     derive_key,
     duplicate_keys,

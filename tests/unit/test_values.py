@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from audsync.values import UnstorableValue, attribute, dumps, normalize_user_id, timestamp
+from audsync.errors import UnstorableValue
+from audsync.values import attribute, dumps, normalize_user_id, timestamp
 
 
 @pytest.mark.parametrize(
