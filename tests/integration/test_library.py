@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Warehouse, seed, source_mismatches
 
 import audsync
 from audsync.sandbox import Sandbox
+from tests.helpers import Warehouse, seed, source_mismatches
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def readme_example() -> str:
