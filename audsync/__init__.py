@@ -49,7 +49,7 @@ _HOMES = {
     "StateMoved": "audsync.errors",
     "DriverMissing": "audsync.errors",
     "LeaseHeld": "audsync.errors",
-    "LeaseLost": "audsync.deliver",
+    "LeaseLost": "audsync.errors",
     "Interrupted": "audsync.errors",
     "CallAbandoned": "audsync.errors",
     "GleapError": "audsync.errors",
@@ -99,7 +99,7 @@ if TYPE_CHECKING:
 
     from audsync.check import Check, check
     from audsync.config import Config, load_config
-    from audsync.deliver import DeliveryReport, LeaseLost
+    from audsync.deliver import DeliveryReport
     from audsync.errors import (
         AudsyncError,
         CallAbandoned,
@@ -111,6 +111,7 @@ if TYPE_CHECKING:
         GleapUnavailable,
         Interrupted,
         LeaseHeld,
+        LeaseLost,
         SourceError,
         StateError,
         StateMoved,

@@ -18,20 +18,9 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import (
-    Connection,
-    Engine,
-    bindparam,
-    case,
-    exists,
-    func,
-    insert,
-    select,
-    text,
-    update,
-)
+from sqlalchemy import Connection, Engine, bindparam, exists, func, select
 
-from audsync import models
+from audsync import manager, models
 from audsync.clock import utcnow
 from audsync.config import CONTACTS_KEY, Kind
 from audsync.contact import INVALID_MARK
@@ -48,6 +37,7 @@ from audsync.errors import (
     GleapRejectingAll,
     GleapUnavailable,
     Interrupted,
+    LeaseLost,
     PayloadError,
 )
 from audsync.events import EventKinds, pending_events, queue_event, send_events
@@ -59,14 +49,7 @@ from audsync.gleap import (
 )
 from audsync.locks import Lease, still_held
 from audsync.outage import outage_message, outage_verdict
-from audsync.plan import (
-    NO_RUN,
-    PRIORITY_BACKFILL,
-    PRIORITY_RETRY,
-    PRIORITY_ROUTINE,
-    credit_runs,
-    withdraw,
-)
+from audsync.plan import PRIORITY_BACKFILL, PRIORITY_RETRY, PRIORITY_ROUTINE
 from audsync.values import dumps
 
 ACK_BATCH = 64
@@ -171,10 +154,6 @@ class DeliveryReport:
     per_key: dict[str, int] = field(default_factory=dict)
 
 
-class LeaseLost(AudsyncError):
-    """Another process took the delivery lease: stop writing at once."""
-
-
 def next_users(conn: Connection, limit: int, exclude: Collection[str] = ()) -> list[str]:
     """The next users to call: routine changes first, then the backfill, by user id.
 
@@ -258,17 +237,6 @@ def pending_changes(conn: Connection, users: list[str]) -> dict[str, list[Change
     return {u: c for u, c in by_user.items() if c}
 
 
-def mark_attempted(conn: Connection, users: list[str]) -> None:
-    """Written before the calls go out: from here on their values may reach Gleap."""
-    o = models.outbox.c
-    conn.execute(
-        update(models.outbox)
-        .where(o.state == "pending", o.user_id.in_(bindparam("users", expanding=True)))
-        .values(attempted=True),
-        {"users": users},
-    )
-
-
 def unsendable(changes: list[Change]) -> tuple[list[Change], list[tuple[Change, str]]]:
     """``changes`` split into those that can be sent and those whose own row holds
     a column Gleap cannot store, each with a reason naming its audience and column.
@@ -336,34 +304,152 @@ def deliver(
     recorded — no attempt counted, no failure row — so the changes stay pending
     for the next run.
     """
-    report = DeliveryReport()
-    attempts_before = client.attempts()
-    halt = threading.Event()
-    # Users whose call outlasted every retry: left queued for the next drain,
-    # while the rest go on. Only a streak of such failures means Gleap is down.
-    skipped: set[str] = set()
-    streak = 0
-    last_unavailable: GleapUnavailable | None = None
-    # Until Gleap acknowledges a call again, a rejection may be Gleap (or a proxy
-    # at base_url) refusing everything: hold it back rather than blame the user.
-    acked_any = False
-    outage = False
-    held: list[tuple[str, list[CallResult]]] = []
-    fresh: dict[str, int | None] = {}  # held users never rejected before -> status
-    known: dict[str, int | None] = {}  # held users Gleap rejected in an earlier drain
-    first_reason: str | None = None
+    return Drain(
+        engine,
+        client,
+        lease=lease,
+        stop=stop,
+        concurrency=concurrency,
+        batch_size=batch_size,
+        max_attempts=max_attempts,
+        on_progress=on_progress,
+        event_kinds=event_kinds,
+    ).run()
 
-    def halted() -> bool:
-        return halt.is_set() or stop()
 
-    # Users `audsync forget` suppressed, as this drain last read them: not one
-    # more call about them starts (the set is replaced whole, never mutated, so
-    # the sender threads read it safely). See audsync/forget.py for the protocol.
-    blocked: frozenset[str] = frozenset()
-    # Users a stop gave up on mid-call: Gleap may still apply those calls.
-    abandoned: set[str] = set()
+class Drain:
+    """One drain of the outbox (:func:`deliver`), its loop as named steps.
 
-    def send_user(user_id: str, changes: list[Change]) -> list[CallResult]:
+    Each turn of :meth:`run`: answer forgets, :meth:`refill` the queue,
+    :meth:`submit` calls to the sender threads, :meth:`collect` the calls that
+    ended, then :meth:`flush_acks` / :meth:`flush_events` when due; :meth:`finish`
+    settles what is left. Every method runs on the calling thread except
+    :meth:`send_user`, which the pool runs: it reads only ``blocked`` (replaced
+    whole, never mutated) and ``halt``.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        client: GleapClient,
+        *,
+        lease: Lease | None,
+        stop: Callable[[], bool],
+        concurrency: int,
+        batch_size: int,
+        max_attempts: int,
+        on_progress: Callable[[DeliveryReport], None] | None,
+        event_kinds: EventKinds | None,
+    ) -> None:
+        self.engine = engine
+        self.client = client
+        self.lease = lease
+        self.stop = stop
+        self.concurrency = concurrency
+        self.batch_size = batch_size
+        self.max_attempts = max_attempts
+        self.on_progress = on_progress
+        self.event_kinds: EventKinds = event_kinds or {}
+        self.report = DeliveryReport()
+        self.attempts_before = client.attempts()
+        self.halt = threading.Event()
+        # Users whose call outlasted every retry: left queued for the next drain,
+        # while the rest go on. Only a streak of such failures means Gleap is down.
+        self.skipped: set[str] = set()
+        self.streak = 0
+        self.last_unavailable: GleapUnavailable | None = None
+        # Until Gleap acknowledges a call again, a rejection may be Gleap (or a proxy
+        # at base_url) refusing everything: hold it back rather than blame the user.
+        self.acked_any = False
+        self.outage = False
+        self.held: list[tuple[str, list[CallResult]]] = []
+        self.fresh: dict[str, int | None] = {}  # held users never rejected before -> status
+        self.known: dict[str, int | None] = {}  # held users Gleap rejected in an earlier drain
+        self.first_reason: str | None = None
+        # Users `audsync forget` suppressed, as this drain last read them: not one
+        # more call about them starts (the set is replaced whole, never mutated, so
+        # the sender threads read it safely). See audsync/forget.py for the protocol.
+        self.blocked: frozenset[str] = frozenset()
+        # Users a stop gave up on mid-call: Gleap may still apply those calls.
+        self.abandoned: set[str] = set()
+        self.events_waiting = pending_events(engine)
+        # Acknowledgements are committed a few users at a time (at most ACK_BATCH
+        # results or ACK_INTERVAL seconds): one transaction per call would cap
+        # delivery well below what Gleap allows. A crash repeats at most these.
+        self.acks: list[CallResult] = []
+        self.unacked: set[str] = set()
+        self.last_ack = time.monotonic()
+        self.in_flight: dict[Future[list[CallResult]], str] = {}
+        self.queue: deque[tuple[str, list[Change]]] = deque()
+        self.since_finalize = 0
+        self.last_poll = -SUPPRESSION_POLL
+
+    def run(self) -> DeliveryReport:
+        """Drain until nothing is pending or in flight, or the drain is halted."""
+        self.answer_forgets(now=True)  # the daemon calls deliver() every second: answer at once
+        with ThreadPoolExecutor(
+            max_workers=self.concurrency, thread_name_prefix="audsync-send"
+        ) as pool:
+            while True:
+                self.answer_forgets()
+                self.refill()
+                self.submit(pool)
+                if not self.in_flight:
+                    break  # nothing pending, or halted with nothing left in flight
+                self.collect()
+                self.flush_when_due()
+        return self.finish()
+
+    def halted(self) -> bool:
+        """Whether no new call may start: stopped, or the drain gave up."""
+        return self.halt.is_set() or self.stop()
+
+    def give_up(self, exc: AudsyncError, *, overrides: bool = False) -> None:
+        """Halt the drain with ``exc`` as its error, unless it has one (``overrides``:
+        an auth failure says more than what came before it)."""
+        if self.report.error is None or overrides:
+            self.report.error = exc
+        self.halt.set()
+
+    def guard(self, conn: Connection) -> None:
+        """The lease's fencing check, first in every writing transaction."""
+        if self.lease is not None and not still_held(conn, self.lease):
+            raise LeaseLost("the delivery lease was taken over by another process")
+
+    # -- the loop -----------------------------------------------------------------
+
+    def refill(self) -> None:
+        """Fetch the next users before the queue runs dry, so the pacer never waits on
+        the database; users already queued, in flight or skipped are left out."""
+        if not self.in_flight or len(self.queue) < self.concurrency:
+            self.flush_acks()  # acknowledged users must not look pending to the refill
+        if self.halted() or len(self.queue) >= self.concurrency:
+            return
+        busy = (
+            self.skipped
+            | self.unacked
+            | set(self.fresh)
+            | set(self.known)
+            | set(self.in_flight.values())
+            | {u for u, _ in self.queue}
+        )
+        with self.engine.begin() as conn:
+            users = next_users(conn, self.batch_size, busy)
+            if users:
+                self.queue.extend(pending_changes(conn, users).items())
+                manager.mark_attempted(conn, users)
+
+    def submit(self, pool: ThreadPoolExecutor) -> None:
+        """Hand queued users to the sender threads, keeping at most two calls per thread."""
+        while self.queue and len(self.in_flight) < self.concurrency * 2 and not self.halted():
+            user_id, changes = self.queue.popleft()
+            if user_id in self.blocked:
+                continue  # forgotten since it was fetched
+            self.in_flight[pool.submit(self.send_user, user_id, changes)] = user_id
+
+    def send_user(self, user_id: str, changes: list[Change]) -> list[CallResult]:
+        """One user's Identify calls (on a sender thread); a payload we cannot build
+        is a result of our own, never a call."""
         changes, bad = unsendable(changes)
         results = [CallResult([c], ok=False, status=None, reason=why) for c, why in bad]
         if not changes:
@@ -382,242 +468,215 @@ def deliver(
             # A call about a forgotten user never starts; one already sent is
             # never abandoned for the forget's sake: Gleap might still apply it
             # after the DELETE. The forget waits for it instead.
-            if user_id in blocked:
+            if user_id in self.blocked:
                 raise Interrupted(f"{user_id} was forgotten")
-            outcome = client.identify(body, stop=halted, skip=lambda: user_id in blocked)
+            outcome = self.client.identify(
+                body, stop=self.halted, skip=lambda: user_id in self.blocked
+            )
             results.append(
                 CallResult(carried, outcome.ok, outcome.status, outcome.reason, 1 + outcome.retries)
             )
         return results
 
-    event_kinds = event_kinds or {}
-    events_waiting = pending_events(engine)
-
-    def guard(conn: Connection) -> None:
-        if lease is not None and not still_held(conn, lease):
-            raise LeaseLost("the delivery lease was taken over by another process")
-
-    def flush_events(all_of_them: bool) -> None:
-        """Send queued events in calls of 100; all of them at the end of a drain."""
-        nonlocal events_waiting
-        while events_waiting >= (1 if all_of_them else MAX_EVENTS_PER_CALL) and not halted():
+    def collect(self) -> None:
+        """Take the calls that ended (waiting at most :data:`LOOP_TICK` for one)."""
+        done, _ = wait(self.in_flight, timeout=LOOP_TICK, return_when=FIRST_COMPLETED)
+        for future in done:
+            user_id = self.in_flight.pop(future)
             try:
-                batch = send_events(engine, client, stop=halted, guard=guard)
+                results = future.result()
+            except CallAbandoned:
+                # Gleap may still apply it: never confirm this user to a forget.
+                self.abandoned.add(user_id)
+                continue
+            except Interrupted:
+                continue  # stopped before its call went out: it stays queued
+            except GleapUnavailable as exc:
+                self.skip(user_id, exc)
+                continue
+            except GleapError as exc:
+                self.give_up(exc, overrides=isinstance(exc, GleapAuthError))
+                continue
+            self.answered(user_id, results)
+
+    def skip(self, user_id: str, exc: GleapUnavailable) -> None:
+        """Leave a user whose call outlasted every retry queued; a streak of them
+        (or too many) means Gleap is down."""
+        self.skipped.add(user_id)
+        self.streak += 1
+        self.last_unavailable = exc
+        if self.streak >= UNAVAILABLE_STREAK or len(self.skipped) > MAX_SKIPPED_USERS:
+            self.give_up(exc)
+
+    def answered(self, user_id: str, results: list[CallResult]) -> None:
+        """Gleap answered ``user_id``'s calls: queue the acknowledgements, or hold
+        the rejections until Gleap shows it works."""
+        self.unacked.add(user_id)
+        if any(r.ok and r.attempts for r in results) and not self.outage:
+            # Gleap works: what it rejected since its last acknowledgement
+            # was those users. Rejections stay held between acknowledgements,
+            # so a Gleap that starts rejecting everything mid-drain is an
+            # outage too (found by review), not hundreds of users parked.
+            self.acked_any = True
+            self.release_held()
+        rejected = all(not r.ok and r.status is not None for r in results)
+        if not rejected:
+            self.acks.extend(results)  # (a payload we could not build is ours, not Gleap's)
+        elif not self.outage:
+            self.held.append((user_id, results))
+            self.first_reason = self.first_reason or results[-1].reason
+            before = any(c.last_status is not None for r in results for c in r.changes)
+            (self.known if before else self.fresh)[user_id] = results[-1].status
+            if outage_verdict(self.fresh, self.known, False, finished=False):
+                self.declare_outage()
+        self.streak = 0
+        self.report.users += 1
+        self.since_finalize += 1
+
+    def flush_when_due(self) -> None:
+        """Commit acknowledgements, send events and close runs once enough waited."""
+        if len(self.acks) >= ACK_BATCH or time.monotonic() - self.last_ack >= ACK_INTERVAL:
+            self.flush_acks()
+        if self.events_waiting >= MAX_EVENTS_PER_CALL:
+            self.flush_acks()
+            self.flush_events(all_of_them=False)
+        if self.on_progress is not None:
+            self.on_progress(self.report)
+        if self.since_finalize >= self.batch_size:
+            self.flush_acks()
+            with self.engine.begin() as conn:
+                manager.finalize_runs(conn)
+            self.since_finalize = 0
+
+    def finish(self) -> DeliveryReport:
+        """Settle the held rejections, commit and send what waits, close the runs."""
+        if self.held and self.report.error is None and not self.stop():
+            # The drain ran dry with rejections only: an outage, or a few bad users.
+            if outage_verdict(self.fresh, self.known, self.acked_any, finished=True):
+                self.declare_outage()
+            else:
+                self.release_held()
+        self.held.clear()  # stopped early: unblamed, they stay pending for the next drain
+        self.flush_acks()
+        self.flush_events(all_of_them=True)
+        self.answer_forgets(now=True)  # nothing is in flight any more
+        with self.engine.begin() as conn:
+            manager.finalize_runs(conn)
+        report = self.report
+        if report.error is None and self.skipped and self.last_unavailable is not None:
+            report.error = GleapUnavailable(
+                f"{len(self.skipped)} users stay queued after every retry failed"
+                f" (last: {self.last_unavailable})"
+            )
+        report.skipped = len(self.skipped)
+        _count_calls(report, self.attempts_before, self.client.attempts())
+        if report.error is not None:
+            report.stopped = str(report.error)
+        elif self.stop():
+            report.stopped = "shutdown requested"
+        return report
+
+    # -- acknowledgements and events ------------------------------------------------
+
+    def flush_acks(self) -> None:
+        """Commit the call results waiting, in one transaction fenced by the lease."""
+        self.last_ack = time.monotonic()
+        if not self.acks:
+            return
+        batch, self.acks = self.acks, []
+        self.unacked.clear()
+        try:
+            self.events_waiting += _acknowledge(
+                self.engine, batch, self.lease, self.max_attempts, self.report, self.event_kinds
+            )
+        except LeaseLost as exc:
+            self.report.error = exc
+            self.halt.set()
+
+    def flush_events(self, all_of_them: bool) -> None:
+        """Send queued events in calls of 100; all of them at the end of a drain."""
+        threshold = 1 if all_of_them else MAX_EVENTS_PER_CALL
+        while self.events_waiting >= threshold and not self.halted():
+            try:
+                batch = send_events(self.engine, self.client, stop=self.halted, guard=self.guard)
             except Interrupted:
                 return
             except (GleapError, LeaseLost) as exc:
-                if report.error is None or isinstance(exc, GleapAuthError):
-                    report.error = exc
-                halt.set()
+                self.give_up(exc, overrides=isinstance(exc, GleapAuthError))
                 return
-            report.events += batch.sent
-            report.event_keys_dropped += batch.dropped_keys
-            events_waiting = pending_events(engine)
+            self.report.events += batch.sent
+            self.report.event_keys_dropped += batch.dropped_keys
+            self.events_waiting = pending_events(self.engine)
 
-    # Acknowledgements are committed a few users at a time (at most ACK_BATCH
-    # results or ACK_INTERVAL seconds): one transaction per call would cap
-    # delivery well below what Gleap allows. A crash repeats at most these.
-    acks: list[CallResult] = []
-    unacked: set[str] = set()
-    last_ack = time.monotonic()
+    # -- rejections held back --------------------------------------------------------
 
-    def flush_acks() -> None:
-        nonlocal events_waiting, acks, last_ack
-        last_ack = time.monotonic()
-        if not acks:
-            return
-        batch, acks = acks, []
-        unacked.clear()
-        try:
-            events_waiting += _acknowledge(engine, batch, lease, max_attempts, report, event_kinds)
-        except LeaseLost as exc:
-            report.error = exc
-            halt.set()
-
-    def declare_outage() -> None:
-        nonlocal outage
-        outage = True
+    def declare_outage(self) -> None:
+        """Gleap rejects everything: stop, and record none of the held rejections."""
+        self.outage = True
         message = outage_message(
             "users' Identify calls",
-            {**known, **fresh},
-            first_reason,
+            {**self.known, **self.fresh},
+            self.first_reason,
             "POST",
-            client.request_path(IDENTIFY_PATH),
+            self.client.request_path(IDENTIFY_PATH),
         )
-        if report.error is None or not isinstance(report.error, GleapAuthError):
-            report.error = GleapRejectingAll(message)
-        held.clear()  # never recorded: nobody's attempts are spent on an outage
-        halt.set()
+        if self.report.error is None or not isinstance(self.report.error, GleapAuthError):
+            self.report.error = GleapRejectingAll(message)
+        self.held.clear()  # never recorded: nobody's attempts are spent on an outage
+        self.halt.set()
 
-    def release_held() -> None:
-        for user, results in held:
-            unacked.add(user)
-            acks.extend(results)
-        held.clear()
-        fresh.clear()
-        known.clear()
+    def release_held(self) -> None:
+        """Gleap works: the held rejections were those users', record them."""
+        for user, results in self.held:
+            self.unacked.add(user)
+            self.acks.extend(results)
+        self.held.clear()
+        self.fresh.clear()
+        self.known.clear()
 
-    in_flight: dict[Future[list[CallResult]], str] = {}
-    queue: deque[tuple[str, list[Change]]] = deque()
-    since_finalize = 0
-    last_poll = -SUPPRESSION_POLL
+    # -- forgets -----------------------------------------------------------------------
 
-    def answer_forgets(now: bool = False) -> None:
+    def answer_forgets(self, now: bool = False) -> None:
         """Block users a forget is waiting on; confirm those with no call in flight.
 
         A confirmation (``suppressions.calls_stopped_at``) is written only for
         users in ``blocked`` with no sender working on them and every result of
         theirs acknowledged: from then on this drain sends nothing about them.
         """
-        nonlocal blocked, last_poll
-        if not now and time.monotonic() - last_poll < SUPPRESSION_POLL:
+        if not now and time.monotonic() - self.last_poll < SUPPRESSION_POLL:
             return
-        last_poll = time.monotonic()
+        self.last_poll = time.monotonic()
         s = models.suppressions.c
-        with engine.connect() as conn:
+        with self.engine.connect() as conn:
             waiting = set(
                 conn.execute(select(s.user_id).where(s.calls_stopped_at.is_(None))).scalars()
             )
         if not waiting:
             return
-        if not waiting <= blocked:
-            blocked = blocked | waiting
-            kept = [(u, c) for u, c in queue if u not in blocked]
-            queue.clear()
-            queue.extend(kept)
-        ready = sorted(waiting - set(in_flight.values()) - abandoned)
-        if unacked & set(ready):
-            flush_acks()  # their results are committed before the forget goes on
+        if not waiting <= self.blocked:
+            self.blocked = self.blocked | waiting
+            kept = [(u, c) for u, c in self.queue if u not in self.blocked]
+            self.queue.clear()
+            self.queue.extend(kept)
+        ready = sorted(waiting - set(self.in_flight.values()) - self.abandoned)
+        if self.unacked & set(ready):
+            self.flush_acks()  # their results are committed before the forget goes on
         if not ready:
             return
         try:
-            with engine.begin() as conn:
-                guard(conn)
+            with self.engine.begin() as conn:
+                self.guard(conn)
                 # Their queued changes will never be sent: credit them as superseded.
-                withdraw(conn, models.outbox.c.user_id.in_(ready))
+                manager.supersede_pending(conn, models.outbox.c.user_id.in_(ready))
             # A transaction of its own that touches nothing else: on PostgreSQL it
             # may wait for a plan's SHARE lock (plan.drop_forgotten) while holding
             # no row that plan could be waiting for.
-            with engine.begin() as conn:
-                guard(conn)
-                conn.execute(
-                    update(models.suppressions)
-                    .where(s.user_id.in_(ready), s.calls_stopped_at.is_(None))
-                    .values(calls_stopped_at=utcnow())
-                )
+            with self.engine.begin() as conn:
+                self.guard(conn)
+                manager.confirm_calls_stopped(conn, ready)
         except LeaseLost as exc:
-            report.error = report.error or exc
-            halt.set()
-
-    answer_forgets(now=True)  # the daemon calls deliver() every second: answer at once
-    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="audsync-send") as pool:
-        while True:
-            answer_forgets()
-            # Refill before the queue runs dry, so the pacer never waits on the
-            # database; users already queued, in flight or skipped are left out.
-            if not in_flight or len(queue) < concurrency:
-                flush_acks()  # acknowledged users must not look pending to the refill
-            if not halted() and len(queue) < concurrency:
-                busy = (
-                    skipped
-                    | unacked
-                    | set(fresh)
-                    | set(known)
-                    | set(in_flight.values())
-                    | {u for u, _ in queue}
-                )
-                with engine.begin() as conn:
-                    users = next_users(conn, batch_size, busy)
-                    if users:
-                        queue.extend(pending_changes(conn, users).items())
-                        mark_attempted(conn, users)
-            while queue and len(in_flight) < concurrency * 2 and not halted():
-                user_id, changes = queue.popleft()
-                if user_id in blocked:
-                    continue  # forgotten since it was fetched
-                in_flight[pool.submit(send_user, user_id, changes)] = user_id
-            if not in_flight:
-                break  # nothing pending, or halted with nothing left in flight
-            done, _ = wait(in_flight, timeout=LOOP_TICK, return_when=FIRST_COMPLETED)
-            for future in done:
-                user_id = in_flight.pop(future)
-                try:
-                    results = future.result()
-                except CallAbandoned:
-                    # Gleap may still apply it: never confirm this user to a forget.
-                    abandoned.add(user_id)
-                    continue
-                except Interrupted:
-                    continue  # stopped before its call went out: it stays queued
-                except GleapUnavailable as exc:
-                    skipped.add(user_id)
-                    streak += 1
-                    last_unavailable = exc
-                    if streak >= UNAVAILABLE_STREAK or len(skipped) > MAX_SKIPPED_USERS:
-                        report.error = report.error or exc
-                        halt.set()
-                    continue
-                except GleapError as exc:
-                    if report.error is None or isinstance(exc, GleapAuthError):
-                        report.error = exc
-                    halt.set()
-                    continue
-                unacked.add(user_id)
-                if any(r.ok and r.attempts for r in results) and not outage:
-                    # Gleap works: what it rejected since its last acknowledgement
-                    # was those users. Rejections stay held between acknowledgements,
-                    # so a Gleap that starts rejecting everything mid-drain is an
-                    # outage too (found by review), not hundreds of users parked.
-                    acked_any = True
-                    release_held()
-                rejected = all(not r.ok and r.status is not None for r in results)
-                if not rejected:
-                    acks.extend(results)  # (a payload we could not build is ours, not Gleap's)
-                elif not outage:
-                    held.append((user_id, results))
-                    first_reason = first_reason or results[-1].reason
-                    before = any(c.last_status is not None for r in results for c in r.changes)
-                    (known if before else fresh)[user_id] = results[-1].status
-                    if outage_verdict(fresh, known, False, finished=False):
-                        declare_outage()
-                streak = 0
-                report.users += 1
-                since_finalize += 1
-            if len(acks) >= ACK_BATCH or time.monotonic() - last_ack >= ACK_INTERVAL:
-                flush_acks()
-            if events_waiting >= MAX_EVENTS_PER_CALL:
-                flush_acks()
-                flush_events(all_of_them=False)
-            if on_progress is not None:
-                on_progress(report)
-            if since_finalize >= batch_size:
-                flush_acks()
-                with engine.begin() as conn:
-                    finalize_runs(conn)
-                since_finalize = 0
-    if held and report.error is None and not stop():
-        # The drain ran dry with rejections only: an outage, or a few bad users.
-        if outage_verdict(fresh, known, acked_any, finished=True):
-            declare_outage()
-        else:
-            release_held()
-    held.clear()  # stopped early: unblamed, they stay pending for the next drain
-    flush_acks()
-    flush_events(all_of_them=True)
-    answer_forgets(now=True)  # nothing is in flight any more
-    with engine.begin() as conn:
-        finalize_runs(conn)
-    if report.error is None and skipped and last_unavailable is not None:
-        report.error = GleapUnavailable(
-            f"{len(skipped)} users stay queued after every retry failed (last: {last_unavailable})"
-        )
-    report.skipped = len(skipped)
-    _count_calls(report, attempts_before, client.attempts())
-    if report.error is not None:
-        report.stopped = str(report.error)
-    elif stop():
-        report.stopped = "shutdown requested"
-    return report
+            self.report.error = self.report.error or exc
+            self.halt.set()
 
 
 def _count_calls(
@@ -650,7 +709,7 @@ def _acknowledge(
     report: DeliveryReport,
     event_kinds: EventKinds,
 ) -> int:
-    """Record one user's call results; returns how many events the acks queued."""
+    """Record one batch of call results; returns how many events the acks queued."""
     now = utcnow()
     events = 0
     with engine.begin() as conn:
@@ -683,13 +742,13 @@ def _acknowledge(
                     report.per_key[change.audience_key] = (
                         report.per_key.get(change.audience_key, 0) + 1
                     )
-                elif _reject(conn, change, result, now, max_attempts):
+                elif manager.reject(conn, change, result.status, result.reason, now, max_attempts):
                     failed_by_run[change.run_id] = failed_by_run.get(change.run_id, 0) + 1
                     report.failed += 1
-        for change in _ack_all(conn, acknowledged, now):
+        for change in manager.acknowledge(conn, acknowledged, now):
             delivered_by_run[change.run_id] = delivered_by_run.get(change.run_id, 0) + 1
-        credit_runs(conn, "delivered", delivered_by_run)
-        credit_runs(conn, "failed", failed_by_run)
+        manager.credit_runs(conn, "delivered", delivered_by_run)
+        manager.credit_runs(conn, "failed", failed_by_run)
     return events
 
 
@@ -712,132 +771,5 @@ def _queue_transition_event(conn: Connection, kind: Kind, change: Change, now: A
             change.value,
             occurred,
             change.run_id,
-        )
-    )
-
-
-_UPSERT_LEDGER = text(
-    "INSERT INTO ledger (audience_key, user_id, value, contact, acked_at)"
-    " VALUES (:audience_key, :user_id, :value, :contact, :acked_at)"
-    " ON CONFLICT (audience_key, user_id)"
-    " DO UPDATE SET value = excluded.value, contact = excluded.contact,"
-    " acked_at = excluded.acked_at"
-)
-
-
-def _ack_all(conn: Connection, changes: list[Change], now: Any) -> list[Change]:
-    """Record Gleap's 2xx for ``changes``; returns those that still were the queued value.
-
-    Set-wise: one ledger upsert and one versioned DELETE ... RETURNING for the
-    whole batch, so acknowledging costs a few statements, not a few per change.
-    """
-    if not changes:
-        return []
-    conn.execute(
-        _UPSERT_LEDGER,
-        [
-            {
-                "audience_key": c.audience_key,
-                "user_id": c.user_id,
-                "value": c.value,
-                "contact": c.contact_after_ack(),
-                "acked_at": now,
-            }
-            for c in changes
-        ],
-    )
-    # Only the acknowledged version goes: a newer plan's value stays queued.
-    params: dict[str, Any] = {}
-    rows = []
-    for i, c in enumerate(changes):
-        params.update({f"u{i}": c.user_id, f"k{i}": c.audience_key, f"v{i}": c.version})
-        rows.append(f"(:u{i}, :k{i}, :v{i})")
-    deleted = {
-        (r[0], r[1])
-        for r in conn.execute(
-            text(
-                "DELETE FROM outbox WHERE (user_id, audience_key, version) IN"
-                f" (VALUES {', '.join(rows)}) RETURNING user_id, audience_key"
-            ),
-            params,
-        )
-    }
-    # A row not deleted was overwritten by a newer plan while its call was in
-    # flight (rows marked attempted are never withdrawn), so the newer value
-    # is still queued and goes next; or the user was forgotten meanwhile.
-    kept = [c for c in changes if (c.user_id, c.audience_key) not in deleted]
-    o = models.outbox.c
-    for c in kept:  # Gleap took this user: the count of rejections in a row starts over
-        conn.execute(
-            update(models.outbox)
-            .where(o.user_id == c.user_id, o.audience_key == c.audience_key)
-            .values(attempts=0)
-        )
-    return [c for c in changes if (c.user_id, c.audience_key) in deleted]
-
-
-def _reject(
-    conn: Connection, change: Change, result: CallResult, now: Any, max_attempts: int
-) -> bool:
-    """Record one rejected change; True when it still was the queued version.
-
-    The run that sent it counts it as failed either way. Below ``max_attempts``
-    rejections in a row the row stays ``pending`` but leaves its run (``NO_RUN``)
-    and waits (``PRIORITY_RETRY``) for the next plan of its audience to take it
-    over; at ``max_attempts`` it is parked: ``state = 'failed'``.
-    """
-    o = models.outbox.c
-    last = o.attempts + 1 >= max_attempts
-    parked = conn.execute(
-        update(models.outbox)
-        .where(
-            o.audience_key == change.audience_key,
-            o.user_id == change.user_id,
-            o.version == change.version,
-        )
-        .values(
-            state=case((last, "failed"), else_="pending"),
-            run_id=case((last, o.run_id), else_=NO_RUN),
-            priority=case((last, o.priority), else_=PRIORITY_RETRY),
-            attempts=o.attempts + 1,
-            last_status=result.status,
-            last_error=result.reason,
-        )
-    )
-    conn.execute(
-        insert(models.delivery_failures).values(
-            run_id=change.run_id,
-            audience_key=change.audience_key,
-            user_id=change.user_id,
-            http_status=result.status,
-            reason=result.reason or "rejected",
-            failed_at=now,
-        )
-    )
-    return parked.rowcount == 1
-
-
-def finalize_runs(conn: Connection) -> None:
-    """Close every delivering run none of whose changes is still pending.
-
-    Decided from the run's own counters (every queued change ends delivered,
-    failed or superseded), so it never scans a million-row outbox.
-    """
-    conn.execute(
-        text(
-            "UPDATE sync_runs"
-            " SET status = CASE WHEN failed > 0 THEN 'partial' ELSE 'succeeded' END,"
-            " finished_at = :now"
-            " WHERE status = 'delivering' AND delivered + failed + superseded >= queued"
-        ),
-        {"now": utcnow()},
-    )
-    conn.execute(
-        text(
-            "UPDATE audiences SET last_success_at = ("
-            " SELECT MAX(r.finished_at) FROM sync_runs r WHERE r.audience_key = audiences.key"
-            " AND r.status = 'succeeded')"
-            " WHERE EXISTS (SELECT 1 FROM sync_runs r WHERE r.audience_key = audiences.key"
-            " AND r.status = 'succeeded')"
         )
     )

@@ -9,6 +9,7 @@
     │   └── StateMoved                ... not there, but the one a relative path meant before is
     ├── DriverMissing                 a source/state URL's driver is not installed (exit 2)
     ├── LeaseHeld                     another process holds a lease (exit 3)
+    ├── LeaseLost                     another process took the delivery lease: stop writing
     ├── Interrupted                   a shutdown request stopped the work (exit 130)
     │   └── CallAbandoned             ... while a call was in flight: Gleap may still apply it
     └── GleapError                    Gleap could not be used
@@ -98,6 +99,10 @@ class LeaseHeld(AudsyncError):
     """Another process holds the lease this command needs."""
 
     exit_code = EXIT_LEASE_HELD
+
+
+class LeaseLost(AudsyncError):
+    """Another process took the delivery lease: stop writing at once."""
 
 
 class Interrupted(AudsyncError):

@@ -19,9 +19,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, delete, func, insert, select
+from sqlalchemy import Connection, Engine, func, select
 
-from audsync import models
+from audsync import manager, models
 from audsync.clock import utcnow
 from audsync.config import Kind
 from audsync.defaults import DEFAULT_OUTAGE_PROBE
@@ -75,16 +75,7 @@ def queue_event(
     if event is None:
         return False
     name, data = event
-    conn.execute(
-        insert(models.event_outbox).values(
-            audience_key=key,
-            user_id=user_id,
-            name=name,
-            data=json.dumps(data),
-            occurred_at=occurred_at,
-            run_id=run_id,
-        )
-    )
+    manager.queue_event_row(conn, key, user_id, name, data, occurred_at, run_id)
     return True
 
 
@@ -139,11 +130,7 @@ def send_events(
     """
     e = models.event_outbox.c
     with engine.begin() as conn:
-        # Never an event about a forgotten user, not even one queued before the
-        # forget (or by an acknowledgement racing it): they are dropped unsent.
-        conn.execute(
-            delete(models.event_outbox).where(e.user_id.in_(select(models.suppressions.c.user_id)))
-        )
+        manager.drop_forgotten_events(conn)
         rows = conn.execute(
             select(e.id, e.audience_key, e.user_id, e.name, e.data, e.occurred_at)
             .order_by(e.id)
@@ -220,21 +207,11 @@ def _forget(
         guard(conn)
         for row, status, reason in rows:
             if reason is not None:
-                conn.execute(
-                    insert(models.delivery_failures).values(
-                        run_id=0,
-                        audience_key=row.audience_key,
-                        user_id=row.user_id if row.user_id is not None else "",
-                        http_status=status,
-                        reason=f"event {row.name!r}: {reason}",
-                        failed_at=now,
-                    )
+                user_id = row.user_id if row.user_id is not None else ""
+                manager.record_failure(
+                    conn, 0, row.audience_key, user_id, status, f"event {row.name!r}: {reason}", now
                 )
-        conn.execute(
-            delete(models.event_outbox).where(
-                models.event_outbox.c.id.in_([row.id for row, _, _ in rows])
-            )
-        )
+        manager.drop_events(conn, [row.id for row, _, _ in rows])
 
 
 EventKinds = Mapping[str, Kind]

@@ -61,16 +61,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine, delete, insert, select, update
+from sqlalchemy import Engine, select
 
-from audsync import models
+from audsync import manager, models
 from audsync.clock import utcnow
 from audsync.defaults import DEFAULT_FORGET_WAIT_MARGIN, DEFAULT_TIMEOUT
 from audsync.errors import GleapAuthError, GleapError
 from audsync.gleap import GleapClient
 from audsync.history import set_run, start_run
 from audsync.locks import DELIVER_LEASE, current_holder
-from audsync.plan import withdraw
 
 FORGET_KEY = "*"
 """sync_runs.audience_key of a forget run: it concerns every audience."""
@@ -151,17 +150,8 @@ def forget(
 
 def _suppress(engine: Engine, user_ids: list[str]) -> None:
     """Step 1: suppress and commit, touching no other table (see the module docstring)."""
-    s = models.suppressions.c
-    now = utcnow()
     with engine.begin() as conn:
-        known = set(conn.execute(select(s.user_id).where(s.user_id.in_(user_ids))).scalars())
-        for user_id in user_ids:
-            if user_id not in known:
-                conn.execute(insert(models.suppressions).values(user_id=user_id, suppressed_at=now))
-        # Forgetting again asks the deliverer again.
-        conn.execute(
-            update(models.suppressions).where(s.user_id.in_(user_ids)).values(calls_stopped_at=None)
-        )
+        manager.suppress(conn, user_ids, utcnow())
 
 
 def _wait_for_deliverer(
@@ -211,33 +201,13 @@ def _wipe(engine: Engine, user_ids: list[str]) -> list[str]:
     as superseded. Returns those users (a forget undone meanwhile keeps its rows)."""
     if not user_ids:
         return []
-    s = models.suppressions.c
     with engine.begin() as conn:
-        still = set(conn.execute(select(s.user_id).where(s.user_id.in_(user_ids))).scalars())
-        user_ids = [u for u in user_ids if u in still]
-        if not user_ids:
-            return []
-        withdraw(conn, models.outbox.c.user_id.in_(user_ids))
-        for table in (
-            models.ledger,
-            models.snapshot,
-            models.event_outbox,
-            models.delivery_failures,
-        ):
-            conn.execute(delete(table).where(table.c.user_id.in_(user_ids)))
-    return user_ids
+        return manager.wipe_users(conn, user_ids)
 
 
 def _mark(engine: Engine, user_id: str, *, error: str | None) -> None:
-    values: dict[str, Any] = {"last_error": error}
-    if error is None:
-        values["deleted_in_gleap_at"] = utcnow()
     with engine.begin() as conn:
-        conn.execute(
-            update(models.suppressions)
-            .where(models.suppressions.c.user_id == user_id)
-            .values(**values)
-        )
+        manager.mark_forgotten(conn, user_id, error=error)
 
 
 def _finish(engine: Engine, report: ForgetReport, error: str | None = None) -> None:
@@ -264,11 +234,8 @@ def _finish(engine: Engine, report: ForgetReport, error: str | None = None) -> N
 
 def unforget(engine: Engine, user_ids: list[str]) -> list[str]:
     """Lift the suppression of ``user_ids``; returns those that were suppressed."""
-    s = models.suppressions.c
     with engine.begin() as conn:
-        lifted = list(conn.execute(select(s.user_id).where(s.user_id.in_(user_ids))).scalars())
-        conn.execute(delete(models.suppressions).where(s.user_id.in_(user_ids)))
-    return lifted
+        return manager.lift_suppression(conn, user_ids)
 
 
 def suppressed(engine: Engine) -> list[dict[str, Any]]:

@@ -83,33 +83,6 @@ def close_open_runs(engine: Engine, status: str, reason: str) -> None:
             set_run(conn, run_id, status=status, error=reason)
 
 
-def fail_runs_left_waiting(engine: Engine, run_ids: list[int], reason: str) -> int:
-    """Fail this sync's runs that finished as succeeded while their audience
-    still has changes waiting, because delivery stopped on Gleap trouble.
-
-    A run that queued nothing new (its audience's changes belong to an earlier
-    run that Gleap's outage stopped) has nothing pending of its own and would
-    otherwise read ``succeeded`` while Gleap is down — and move the audience's
-    last success, its health metric and its alerts with it.
-    """
-    if not run_ids:
-        return 0
-    r = models.sync_runs.c
-    o = models.outbox.c
-    waiting = select(o.audience_key).where(o.audience_key == r.audience_key).exists()
-    with engine.begin() as conn:
-        ids = (
-            conn.execute(
-                select(r.id).where(r.id.in_(run_ids), r.status == "succeeded", waiting)
-            )
-            .scalars()
-            .all()
-        )
-        for run_id in ids:
-            set_run(conn, run_id, status="failed", error=reason)
-    return len(ids)
-
-
 def mark_interrupted(engine: Engine) -> int:
     """Close runs that a dead process left ``planning`` or ``delivering``; return how many.
 

@@ -27,25 +27,25 @@ import socket
 import threading
 from collections.abc import Callable
 from types import FrameType
-from typing import Any
 
 from apscheduler.schedulers.base import BaseScheduler
 from apscheduler.schedulers.blocking import BlockingScheduler
 from apscheduler.triggers.base import BaseTrigger
-from sqlalchemy import Engine, delete, insert, select, update
+from sqlalchemy import Engine, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from audsync import alerts, locks, models
+from audsync import alerts, locks, manager, models
 from audsync.clock import utcnow
 from audsync.config import Config
 from audsync.defaults import DEFAULT_METRICS_ADDR
-from audsync.deliver import LeaseLost, deliver, finalize_runs
+from audsync.deliver import deliver
 from audsync.errors import (
     EXIT_OK,
     AudsyncError,
     GleapAuthError,
     GleapRejectingAll,
     Interrupted,
+    LeaseLost,
     describe,
 )
 from audsync.gleap import GleapClient
@@ -57,8 +57,9 @@ from audsync.history import (
     set_run,
     start_run,
 )
+from audsync.manager import finalize_runs
 from audsync.metrics import Metrics
-from audsync.plan import ensure_audience, withdraw
+from audsync.plan import ensure_audience
 from audsync.prune import prune_and_log
 from audsync.readback import VerifyReport, make_reader, run_verify
 from audsync.signals import relay_signals
@@ -491,31 +492,9 @@ class Daemon:
         self._beat("running" if not self.stopping.is_set() else "stopping", next_run)
 
     def _beat(self, state: str, next_run_at: dt.datetime | None) -> None:
-        now = utcnow()
-        values: dict[str, Any] = {"beat_at": now, "state": state, "next_run_at": next_run_at}
         try:
             with self.state.begin() as conn:
-                done = conn.execute(
-                    update(models.daemons)
-                    .where(models.daemons.c.holder == self.holder)
-                    .values(**values)
-                )
-                if done.rowcount == 0:
-                    conn.execute(
-                        insert(models.daemons).values(
-                            holder=self.holder,
-                            host=socket.gethostname(),
-                            pid=os.getpid(),
-                            started_at=now,
-                            **values,
-                        )
-                    )
-                # Records of daemons gone for a day are noise in `status`.
-                conn.execute(
-                    delete(models.daemons).where(
-                        models.daemons.c.beat_at < now - dt.timedelta(days=1)
-                    )
-                )
+                manager.heartbeat(conn, self.holder, state, next_run_at)
         except SQLAlchemyError as exc:
             log.debug("health record not written: %s", describe(exc))
 
@@ -525,12 +504,11 @@ def retire_removed(state: Engine, config: Config) -> None:
     (credited as superseded to their runs) and the audience is marked inactive. Their
     ledger is kept, so adding the audience back resumes incrementally."""
     keys = [d.key for d in config.definitions]
-    a, o = models.audiences.c, models.outbox.c
+    a = models.audiences.c
     with state.begin() as conn:
         gone = conn.execute(select(a.key).where(a.active.is_(True), a.key.not_in(keys))).scalars()
         for key in list(gone):
-            withdraw(conn, o.audience_key == key)
-            conn.execute(update(models.audiences).where(a.key == key).values(active=False))
+            manager.retire_audience(conn, key)
             log.info("%s is no longer configured: stopped syncing it (its ledger is kept)", key)
         finalize_runs(conn)
 

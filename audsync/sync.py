@@ -21,7 +21,7 @@ from sqlalchemy.engine import make_url
 
 from audsync import alerts, locks, models
 from audsync.config import Config, Definition
-from audsync.deliver import DeliveryReport, deliver, finalize_runs, pending_user_count
+from audsync.deliver import DeliveryReport, deliver, pending_user_count
 from audsync.errors import (
     AudsyncError,
     GleapAuthError,
@@ -34,12 +34,12 @@ from audsync.gleap import GleapClient
 from audsync.history import (
     claim_delivering_runs,
     close_open_runs,
-    fail_runs_left_waiting,
     mark_interrupted,
     runs,
     set_run,
     start_run,
 )
+from audsync.manager import fail_runs_left_waiting, finalize_runs
 from audsync.pacing import budget_seconds
 from audsync.plan import (
     PlanResult,
