@@ -11,10 +11,10 @@ import logging
 from typing import Any
 
 import httpx
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from audsync import models
+from audsync import manager, models
 from audsync.clock import utcnow
 from audsync.errors import describe
 from audsync.text_tables import jsonable
@@ -105,9 +105,7 @@ def _notify(engine: Engine, url: str, timeout: float) -> int:
             )
             continue
         with engine.begin() as conn:
-            conn.execute(
-                update(models.audiences).where(a.key == run.audience_key).values(alert_state=state)
-            )
+            manager.record_alert_state(conn, run.audience_key, state)
         sent += 1
     return sent
 

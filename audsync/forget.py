@@ -8,7 +8,7 @@ snapshot, event or failure row of theirs is left. It works in three steps:
    with ``calls_stopped_at`` NULL, in a transaction that touches nothing else.
 2. **Wait for the deliverer.** The process holding the delivery lease reads the
    suppressions whose ``calls_stopped_at`` is NULL every 0.1 s
-   (``deliver.answer_forgets``). From that read on it starts no call about those
+   (``deliver.Drain.answer_forgets``). From that read on it starts no call about those
    users (calls still queued are dropped; a sender checks before every HTTP
    attempt, retries included). Once no sender is working on a user and every
    result of theirs is acknowledged, it withdraws the user's queued changes and

@@ -5,18 +5,23 @@ The callers (the deliverer, the daemon, ``forget``, the event sender) decide
 kept in one place rather than re-implemented by each caller:
 
 - ``queued = delivered + failed + superseded + pending`` for every run
-  (docs/design.md): an outbox row leaves only through :func:`acknowledge`,
+  (docs/design.md, invariant 10): an outbox row leaves only through :func:`acknowledge`,
   :func:`reject` (parking it), or :func:`supersede_pending`, each of which
   credits the run that queued it (:func:`credit_runs`); :func:`finalize_runs`
   closes a run once nothing of it is pending.
 - The ledger moves only on Gleap's 2xx (invariant 1), and an outbox row goes
   only with the version Gleap acknowledged (invariant 3): :func:`acknowledge`.
 - A forgotten user is confirmed to ``forget`` only by the deliverer
-  (:func:`confirm_calls_stopped`) and wiped in one transaction (:func:`wipe_users`).
+  (:func:`confirm_calls_stopped`) and wiped in one transaction (:func:`wipe_users`)
+  (invariant 9; docs/design.md, "Forget").
 
 Functions take a :class:`~sqlalchemy.Connection` and write in the caller's
 transaction (the caller fences it with the lease first), unless they say they
-open their own. Leases are not here: :mod:`audsync.locks` is their only writer.
+open their own. Not here: leases (:mod:`audsync.locks` is their only writer, and
+their compare-and-set is one with its expiry decision); a run's own row
+(:mod:`audsync.history`: start, set, close); retention (:mod:`audsync.prune`,
+whose deletes mirror its pure ``keep_reason``); and the plan's own queueing
+(:mod:`audsync.plan`, :mod:`audsync.plan_in_db`).
 Long statements are module-level constants, each with the reason it exists.
 """
 
@@ -45,7 +50,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from audsync import models
 from audsync.clock import utcnow
-from audsync.plan import NO_RUN, PRIORITY_RETRY
+from audsync.plan import NO_RUN, NOT_FORGOTTEN, PRIORITY_RETRY, PRIORITY_ROUTINE
 
 RunColumn = Literal["delivered", "failed", "superseded"]
 """The counters a run's queued changes end in (``pending`` is what is left)."""
@@ -325,6 +330,40 @@ def retire_audience(conn: Connection, key: str) -> None:
     conn.execute(update(models.audiences).where(models.audiences.c.key == key).values(active=False))
 
 
+# Queued as ``attempted``: like a call that may have reached Gleap, the ledger is known
+# not to be what Gleap holds, so a plan that runs before delivery overwrites the row with
+# what Gleap should hold (taking it into its own run) instead of withdrawing it as "no
+# change" — which it would, since the ledger equals the snapshot (docs/design.md, "Verify").
+QUEUE_REPAIR = text(
+    "INSERT INTO outbox (audience_key, user_id, value, contact, run_id, version, priority,"
+    " state, attempts, queued_at, attempted)"
+    # The contact fields Gleap acknowledged; a row from before the contact ledger has
+    # none, and then the last plan's snapshot is the best knowledge of them.
+    " SELECT l.audience_key, l.user_id, l.value, COALESCE(l.contact, s.contact), :run, 1, :prio,"
+    " 'pending', 0, :now,"
+    " TRUE"
+    " FROM ledger l LEFT JOIN snapshot s"
+    " ON s.audience_key = l.audience_key AND s.user_id = l.user_id"
+    " WHERE l.audience_key = :k AND l.user_id = :u AND "
+    + NOT_FORGOTTEN.format("l.user_id")
+    + " ON CONFLICT (user_id, audience_key) DO NOTHING"
+)
+
+
+def queue_repair(conn: Connection, run_id: int, key: str, user_id: str, now: dt.datetime) -> int:
+    """Queue the ledger's value of (``key``, ``user_id``) again for ``verify --repair``;
+    1 when queued, 0 when a change is already queued (it is left to go) or the user
+    is forgotten."""
+    params = {"run": run_id, "prio": PRIORITY_ROUTINE, "now": now, "k": key, "u": user_id}
+    return int(conn.execute(QUEUE_REPAIR, params).rowcount)
+
+
+def record_alert_state(conn: Connection, key: str, state: str) -> None:
+    """The alert the webhook was told for ``key``: the next check alerts only on a change."""
+    a = models.audiences.c
+    conn.execute(update(models.audiences).where(a.key == key).values(alert_state=state))
+
+
 # -- events -------------------------------------------------------------------------
 
 
@@ -369,7 +408,7 @@ def drop_events(conn: Connection, ids: Iterable[int]) -> None:
 
 def suppress(conn: Connection, user_ids: list[str], now: dt.datetime) -> None:
     """Suppress ``user_ids`` and ask the deliverer (again) to confirm it stopped calling
-    about them. Touches no other table (docs/design.md, how a forget is serialised)."""
+    about them. Touches no other table (docs/design.md, "Forget")."""
     s = models.suppressions.c
     known = set(conn.execute(select(s.user_id).where(s.user_id.in_(user_ids))).scalars())
     for user_id in user_ids:

@@ -17,16 +17,15 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Engine, select, text
+from sqlalchemy import Connection, Engine, select
 
-from audsync import defaults, locks, models
+from audsync import defaults, locks, manager, models
 from audsync.clock import utcnow
 from audsync.config import CONTACTS_KEY, Config
 from audsync.errors import Interrupted
 from audsync.gleap import CallObserver, GleapClient
 from audsync.gleap_read import GleapReader, ReadResult
 from audsync.history import runs, set_run, start_run
-from audsync.plan import NOT_FORGOTTEN, PRIORITY_ROUTINE
 from audsync.progress import Progress
 from audsync.text_tables import table
 from audsync.verify import (
@@ -415,26 +414,6 @@ def run_verify(
     return report
 
 
-# Queued as ``attempted``: like a call that may have reached Gleap, the ledger is known
-# not to be what Gleap holds, so a plan that runs before delivery overwrites the row with
-# what Gleap should hold (taking it into its own run) instead of withdrawing it as "no
-# change" — which it would, since the ledger equals the snapshot (docs/design.md, "Verify").
-_QUEUE_REPAIR = (
-    "INSERT INTO outbox (audience_key, user_id, value, contact, run_id, version, priority,"
-    " state, attempts, queued_at, attempted)"
-    # The contact fields Gleap acknowledged; a row from before the contact ledger has
-    # none, and then the last plan's snapshot is the best knowledge of them.
-    " SELECT l.audience_key, l.user_id, l.value, COALESCE(l.contact, s.contact), :run, 1, :prio,"
-    " 'pending', 0, :now,"
-    " TRUE"
-    " FROM ledger l LEFT JOIN snapshot s"
-    " ON s.audience_key = l.audience_key AND s.user_id = l.user_id"
-    " WHERE l.audience_key = :k AND l.user_id = :u AND "
-    + NOT_FORGOTTEN.format("l.user_id")
-    + " ON CONFLICT (user_id, audience_key) DO NOTHING"
-)
-
-
 def queue_repairs(
     state: Engine,
     summary: Summary,
@@ -450,7 +429,6 @@ def queue_repairs(
     by_key: dict[str, set[str]] = {}
     for drift in summary.drifts:
         by_key.setdefault(drift.key, set()).add(drift.user_id)
-    statement = text(_QUEUE_REPAIR)
     run_ids: list[int] = []
     queued_total = 0
     holder = locks.holder_identity()
@@ -462,16 +440,7 @@ def queue_repairs(
                 queued = 0
                 now = utcnow()
                 for user_id in sorted(by_key[key]):
-                    queued += conn.execute(
-                        statement,
-                        {
-                            "run": run_id,
-                            "prio": PRIORITY_ROUTINE,
-                            "now": now,
-                            "k": key,
-                            "u": user_id,
-                        },
-                    ).rowcount
+                    queued += manager.queue_repair(conn, run_id, key, user_id, now)
                 checked = summary.by_audience[key].checked if key in summary.by_audience else 0
                 set_run(
                     conn,
