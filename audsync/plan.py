@@ -12,6 +12,7 @@ import hashlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any, Literal
 
 from sqlalchemy import Connection, Engine, delete, func, insert, select, text, update
@@ -250,11 +251,20 @@ def plan_definition(
             )
         return result
 
-    load_snapshot(
-        conn, source, definition, chunk_size, result.stats, stop, on_rows, keys, in_database
-    )
-    _drop_suppressed_from_snapshot(conn, key)
-    result.members = _snapshot_members(conn, key)
+    # An incremental plan writes only what moved (in-database planning loads the
+    # snapshot whole, in one statement, and diffs all of it).
+    merged: Merged | None = None
+    if mode == "incremental" and not in_database:
+        merged = merge_snapshot(
+            conn, source, definition, chunk_size, result.stats, absent, stop, on_rows, keys
+        )
+        result.members = merged.members - _drop_suppressed_from_snapshot(conn, key)
+    else:
+        load_snapshot(
+            conn, source, definition, chunk_size, result.stats, stop, on_rows, keys, in_database
+        )
+        _drop_suppressed_from_snapshot(conn, key)
+        result.members = _snapshot_members(conn, key)
 
     if conn.dialect.name == "postgresql":
         # From the diff's reads to the commit, no acknowledgement (nor any other
@@ -264,7 +274,10 @@ def plan_definition(
         # Readers are not blocked; writers wait for this commit. On SQLite this
         # transaction already holds the database's only write lock.
         conn.exec_driver_sql("LOCK TABLE outbox IN SHARE ROW EXCLUSIVE MODE")
-    _fill_changes(conn, key, absent, full=mode == "full", keyed=definition.kind != "contacts")
+    _fill_changes(
+        conn, key, absent, full=mode == "full", keyed=definition.kind != "contacts",
+        candidates=merged is not None,
+    )
     for kind, count in conn.execute(
         text("SELECT kind, COUNT(*) FROM audsync_changes GROUP BY kind")
     ):
@@ -274,11 +287,15 @@ def plan_definition(
     # sync is still being delivered — what the last plan found, whichever is
     # larger; otherwise routine churn against a half-delivered backfill would
     # look like an exodus.
-    held_by_gleap = conn.execute(
-        select(func.count())
-        .select_from(models.ledger)
-        .where(models.ledger.c.audience_key == key, models.ledger.c.value != absent)
-    ).scalar_one()
+    if merged is not None and conn.dialect.name == "sqlite":
+        # Counted by the merge in this same write transaction: nothing moved since.
+        held_by_gleap = merged.held
+    else:
+        held_by_gleap = conn.execute(
+            select(func.count())
+            .select_from(models.ledger)
+            .where(models.ledger.c.audience_key == key, models.ledger.c.value != absent)
+        ).scalar_one()
     last_plan = conn.execute(
         select(models.audiences.c.members).where(models.audiences.c.key == key)
     ).scalar()
@@ -380,20 +397,14 @@ def plan_definition(
     return result
 
 
-def _drop_suppressed_from_snapshot(conn: Connection, key: str) -> None:
+def _drop_suppressed_from_snapshot(conn: Connection, key: str) -> int:
     if conn.dialect.name == "postgresql":
         # Fresh statistics, or the planner takes a million-row snapshot for an
         # empty table and anti-joins it row by row.
         conn.exec_driver_sql("ANALYZE snapshot")
         conn.exec_driver_sql("ANALYZE ledger")
     # Forgotten users never come back through a query (audsync forget).
-    conn.execute(
-        text(
-            "DELETE FROM snapshot WHERE audience_key = :k"
-            " AND user_id IN (SELECT user_id FROM suppressions)"
-        ),
-        {"k": key},
-    )
+    return int(conn.execute(text(DROP_SUPPRESSED), {"k": key}).rowcount)
 
 
 def _snapshot_members(conn: Connection, key: str) -> int:
@@ -747,15 +758,24 @@ def _unquoted(literal: str) -> str:
 
 def _insert_rows(
     conn: Connection, statement: str, rows: list[SnapshotRow], stats: StreamStats
-) -> None:
-    """Insert rows; an id already there is a duplicate: counted, first row kept."""
+) -> int:
+    """Insert rows; an id already there is a duplicate: counted, first row kept.
+    Returns how many were inserted."""
     cursor = conn.exec_driver_sql(statement, rows)
     if cursor.rowcount >= 0:
         stats.duplicate_ids += len(rows) - cursor.rowcount
+        return int(cursor.rowcount)
+    return len(rows)
 
 
 def _fill_changes(
-    conn: Connection, key: str, absent: str, *, full: bool, keyed: bool = True
+    conn: Connection,
+    key: str,
+    absent: str,
+    *,
+    full: bool,
+    keyed: bool = True,
+    candidates: bool = False,
 ) -> None:
     """Materialise this plan's changes as ``audsync_changes`` (a temp table).
 
@@ -763,6 +783,8 @@ def _fill_changes(
     exited (left: ``absent`` is sent), reasserted (full resync of an unchanged value),
     contact (only contact fields differ from the contact ledger: ``contact_only``).
     ``keyed`` is false for ``[contacts]``: no exits, and no row without contact fields.
+    With ``candidates`` only the users in ``audsync_candidates`` are looked at
+    (:func:`merge_snapshot`: no other user can be a change).
     """
     # PostgreSQL keeps a temp table per connection: empty it at every commit.
     on_commit = "" if conn.dialect.name == "sqlite" else " ON COMMIT DELETE ROWS"
@@ -773,6 +795,20 @@ def _fill_changes(
     )
     conn.exec_driver_sql("DELETE FROM audsync_changes")
     params = {"k": key, "absent": absent, "full": full, "keyed": keyed}
+    if candidates and conn.dialect.name == "postgresql":
+        # The candidates are few: probe the snapshot and ledger by key (cached pages)
+        # rather than hash all of both, which the default costs would choose.
+        conn.exec_driver_sql("SET LOCAL random_page_cost = 1.1")
+    try:
+        _insert_changes(conn, params, candidates, keyed)
+    finally:
+        if candidates and conn.dialect.name == "postgresql":
+            conn.exec_driver_sql("SET LOCAL random_page_cost TO DEFAULT")
+
+
+def _insert_changes(
+    conn: Connection, params: dict[str, Any], candidates: bool, keyed: bool
+) -> None:
     conn.execute(
         text(
             "INSERT INTO audsync_changes (user_id, value, contact, kind, contact_only)"
@@ -781,9 +817,17 @@ def _fill_changes(
             " WHEN l.value = s.value THEN CASE WHEN :full THEN 'reasserted' ELSE 'contact' END"
             " WHEN l.value = :absent THEN 'entered' ELSE 'changed' END,"
             " NOT :full AND l.value IS NOT NULL AND l.value = s.value"
-            " FROM snapshot s LEFT JOIN ledger l"
+            # CROSS JOIN: SQLite walks the few candidates, not the whole snapshot.
+            + (
+                " FROM audsync_candidates k CROSS JOIN snapshot s"
+                if candidates
+                else " FROM snapshot s"
+            )
+            + " LEFT JOIN ledger l"
             " ON l.audience_key = s.audience_key AND l.user_id = s.user_id"
-            " WHERE s.audience_key = :k AND (:full OR l.value IS NULL OR l.value <> s.value"
+            " WHERE "
+            + ("s.user_id = k.user_id AND " if candidates else "")
+            + "s.audience_key = :k AND (:full OR l.value IS NULL OR l.value <> s.value"
             # The value Gleap holds is right, but a contact field moved: diffed like
             # a trait, against what Gleap acknowledged (ledger.contact), in the same
             # pass. Text equality first: the field-wise look runs only where it differs.
@@ -801,7 +845,10 @@ def _fill_changes(
             "INSERT INTO audsync_changes (user_id, value, contact, kind)"
             " SELECT l.user_id, :absent, NULL,"
             " CASE WHEN l.value = :absent THEN 'reasserted' ELSE 'exited' END"
-            " FROM ledger l WHERE l.audience_key = :k AND (:full OR l.value <> :absent)"
+            + (" FROM audsync_candidates k CROSS JOIN ledger l" if candidates else " FROM ledger l")
+            + " WHERE "
+            + ("l.user_id = k.user_id AND " if candidates else "")
+            + "l.audience_key = :k AND (:full OR l.value <> :absent)"
             " AND NOT EXISTS (SELECT 1 FROM snapshot s"
             " WHERE s.audience_key = l.audience_key AND s.user_id = l.user_id)"
             # The exited side comes from the ledger, which keeps a forgotten
@@ -869,3 +916,301 @@ def requeue_failed(conn: Connection, key: str, run_id: int) -> int:
         )
     )
     return int(requeued.rowcount)
+
+
+# -- the incremental load: write only what moved -------------------------------------
+
+CREATE_CANDIDATES = (
+    "CREATE TEMP TABLE IF NOT EXISTS audsync_candidates (user_id TEXT PRIMARY KEY)"
+)
+"""The users an incremental plan's diff looks at: every other user's query row equals
+its ledger row, so it cannot be a change (a temp table, emptied at every commit on
+PostgreSQL like ``audsync_changes``)."""
+
+CANDIDATES_FROM_OUTBOX = (
+    "INSERT INTO audsync_candidates (user_id) SELECT user_id FROM outbox"
+    " WHERE audience_key = :k ON CONFLICT DO NOTHING"
+)
+"""PostgreSQL: the merge reads the ledger before the outbox is locked, and only an
+acknowledgement of an outbox row can move a ledger row meanwhile (forget only
+deletes, and a suppressed user is never a change): those users are looked at too."""
+
+DROP_SUPPRESSED = (
+    "DELETE FROM snapshot WHERE audience_key = :k"
+    " AND user_id IN (SELECT user_id FROM suppressions)"
+)
+"""SQLite: a write before the merge's first read, so the plan holds the database's
+write lock throughout and the ledger it reads is the ledger it diffs (a deferred
+transaction that read first could not write after another writer committed)."""
+
+
+_PREVIOUS = (
+    "SELECT s.user_id, s.value, s.contact,"
+    # 1: the ledger agrees with this row; 2: the ledger holds a value (not the absent one).
+    " (CASE WHEN l.value = s.value AND (s.contact IS NULL OR l.contact = s.contact)"
+    " THEN 1 ELSE 0 END) + (CASE WHEN l.value <> {p} THEN 2 ELSE 0 END)"
+    " FROM snapshot s"
+    " LEFT JOIN ledger l ON l.audience_key = s.audience_key AND l.user_id = s.user_id"
+)
+AGREES = 1
+HOLDS = 2
+
+PREVIOUS_PAGE_SQLITE = (
+    _PREVIOUS.format(p="?")
+    + " WHERE s.audience_key = ? AND s.user_id > ? ORDER BY s.user_id LIMIT ?"
+)
+"""SQLite: a page of the previous snapshot beside the ledger, in key order."""
+
+PREVIOUS_SNAPSHOT_PG = (
+    _PREVIOUS.format(p="%s") + ' WHERE s.audience_key = %s ORDER BY s.user_id COLLATE "C"'
+)
+"""PostgreSQL: the previous snapshot beside the ledger, in byte order."""
+
+COUNT_HELD = "SELECT COUNT(*) FROM ledger WHERE audience_key = :k AND value <> :absent"
+"""The ledger rows that hold a value: more than the merge saw beside the previous
+snapshot means some are not beside it (and the breaker's base either way)."""
+
+CANDIDATES_BEYOND_SNAPSHOT = (
+    "INSERT INTO audsync_candidates (user_id) SELECT l.user_id FROM ledger l"
+    " WHERE l.audience_key = :k AND l.value <> :absent AND NOT EXISTS (SELECT 1 FROM snapshot s"
+    " WHERE s.audience_key = l.audience_key AND s.user_id = l.user_id)"
+    " ON CONFLICT DO NOTHING"
+)
+"""Exits the merge could not see: ledger rows with a value that the snapshot lacks."""
+
+
+@dataclass
+class Merged:
+    """What :func:`merge_snapshot` found: members written and ledger rows holding a value."""
+
+    members: int = 0
+    held: int = 0
+
+
+def merge_snapshot(
+    conn: Connection,
+    source: Engine,
+    definition: Definition,
+    chunk_size: int,
+    stats: StreamStats,
+    absent: str,
+    stop: Callable[[], bool] | None = None,
+    on_rows: Callable[[int], None] | None = None,
+    keys: Mapping[str, str] | None = None,
+) -> Merged:
+    """An incremental plan's load: bring the snapshot up to date writing only what moved.
+
+    The query's rows (in the text order of their ids) are merged with the previous
+    snapshot, read in the same order with a word from each user's ledger row: a row
+    the snapshot holds unchanged is not written, a new one is inserted, a moved one
+    updated, a gone one deleted. Every user whose query row may differ from its
+    ledger row — new, moved, unchanged but not what Gleap acknowledged, gone while
+    the ledger holds a value — goes into ``audsync_candidates``, and the diff
+    (:func:`_fill_changes`) looks only at those. The snapshot is exactly what
+    :func:`load_snapshot` writes: the same stream, the same duplicate rule.
+    """
+    key = definition.key
+    postgres = conn.dialect.name == "postgresql"
+    conn.exec_driver_sql(CREATE_CANDIDATES + (" ON COMMIT DELETE ROWS" if postgres else ""))
+    conn.exec_driver_sql("DELETE FROM audsync_candidates")
+    params = {"k": key, "absent": absent}
+    conn.execute(text(CANDIDATES_FROM_OUTBOX if postgres else DROP_SUPPRESSED), params)
+    writer = _MergeWriter(conn, key, chunk_size, stats)
+    previous = chain.from_iterable(_previous_pages(conn, key, absent, chunk_size))
+    old = next(previous, None)
+    kept = held = 0
+    highest = ""  # below every id: empty ids never reach the snapshot
+    rows = stream_snapshot(source, definition, chunk_size, stats, stop, keys)
+    for chunk in _reported(rows, stats, on_rows):
+        for row in chunk:
+            user_id = row[0]
+            if user_id <= highest:
+                # Not rising (42.0 after 42-1): loaded like _copy_rows's stragglers,
+                # after the deletes, ON CONFLICT counting a repeat.
+                writer.straggler(row)
+                continue
+            highest = user_id
+            while old is not None and old[0] < user_id:
+                writer.gone(old[0])
+                if old[3] & HOLDS:
+                    held += 1
+                    writer.candidate(old[0])  # left: an exit
+                old = next(previous, None)
+            if old is not None and old[0] == user_id:
+                kept += 1
+                if old[3] & HOLDS:
+                    held += 1
+                if old[1] != row[1] or old[2] != row[2]:
+                    writer.moved(row)
+                    writer.candidate(user_id)
+                elif not old[3] & AGREES:
+                    writer.candidate(user_id)
+                old = next(previous, None)
+            else:
+                writer.new(row)
+                writer.candidate(user_id)
+        writer.flush()
+    while old is not None:
+        writer.gone(old[0])
+        if old[3] & HOLDS:
+            held += 1
+            writer.candidate(old[0])
+        old = next(previous, None)
+    writer.flush()
+    # Ledger rows with a value and no row in the previous snapshot (its exits still
+    # being delivered, or no snapshot yet after a first plan): found by the count,
+    # looked up only when there are some.
+    holding = int(conn.execute(text(COUNT_HELD), params).scalar_one())
+    if holding != held:
+        conn.execute(text(CANDIDATES_BEYOND_SNAPSHOT), params)
+    if postgres:
+        conn.exec_driver_sql("ANALYZE audsync_candidates")  # or the diff scans the snapshot
+    return Merged(members=kept + writer.inserted, held=holding)
+
+
+MERGE_SQLITE = {
+    "gone": "DELETE FROM snapshot WHERE audience_key = ? AND user_id = ?",
+    "moved": "UPDATE snapshot SET value = ?, contact = ? WHERE audience_key = ? AND user_id = ?",
+    "candidates": "INSERT INTO audsync_candidates (user_id) VALUES (?) ON CONFLICT DO NOTHING",
+}
+"""SQLite: the merge's writes, one row each (executemany; no round trips in-process)."""
+
+MERGE_PG = {
+    "gone": "DELETE FROM snapshot WHERE audience_key = %s AND user_id = ANY(%s::text[])",
+    "moved": (
+        "UPDATE snapshot SET value = u.value, contact = u.contact"
+        " FROM unnest(%s::text[], %s::text[], %s::text[]) AS u (user_id, value, contact)"
+        " WHERE snapshot.audience_key = %s AND snapshot.user_id = u.user_id"
+    ),
+    "new": (
+        "INSERT INTO snapshot (audience_key, user_id, value, contact)"
+        " SELECT %s, u.user_id, u.value, u.contact"
+        " FROM unnest(%s::text[], %s::text[], %s::text[]) AS u (user_id, value, contact)"
+        " ON CONFLICT DO NOTHING"
+    ),
+    "candidates": (
+        "INSERT INTO audsync_candidates (user_id) SELECT unnest(%s::text[]) ON CONFLICT DO NOTHING"
+    ),
+}
+"""PostgreSQL: the merge's writes, one statement per batch (arrays), not one round trip
+per row."""
+
+
+class _MergeWriter:
+    """The merge's writes, batched: deletes, updates and inserts of the snapshot, and
+    candidates. Stragglers (ids that do not rise) are written last in each flush,
+    after the deletes, so one that replaces a deleted row finds its place free."""
+
+    def __init__(self, conn: Connection, key: str, chunk_size: int, stats: StreamStats) -> None:
+        self.conn = conn
+        self.key = key
+        self.limit = chunk_size
+        self.stats = stats
+        self.postgres = conn.dialect.name == "postgresql"
+        self.insert = LoadTarget("snapshot", key).insert("%s" if self.postgres else "?")
+        self.gone_ids: list[str] = []
+        self.moved_rows: list[SnapshotRow] = []
+        self.new_rows: list[SnapshotRow] = []
+        self.stragglers: list[SnapshotRow] = []
+        self.candidates: list[str] = []
+        self.inserted = 0  # rows added to the snapshot
+
+    def gone(self, user_id: str) -> None:
+        self.gone_ids.append(user_id)
+        self._full()
+
+    def moved(self, row: SnapshotRow) -> None:
+        self.moved_rows.append(row)
+        self._full()
+
+    def new(self, row: SnapshotRow) -> None:
+        self.new_rows.append(row)
+        self._full()
+
+    def straggler(self, row: SnapshotRow) -> None:
+        self.stragglers.append(row)
+        self.candidate(row[0])
+
+    def candidate(self, user_id: str) -> None:
+        self.candidates.append(user_id)
+        self._full()
+
+    def _full(self) -> None:
+        # A whole query that left (or a first sync's worth of newcomers) between two
+        # rows of the stream must not pile up in memory.
+        if len(self.gone_ids) + len(self.moved_rows) + len(self.new_rows) >= self.limit or (
+            len(self.candidates) >= self.limit
+        ):
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what is batched: deletes, updates, inserts, candidates, then stragglers."""
+        if self.postgres:
+            self._flush_postgres()
+        else:
+            run = self.conn.exec_driver_sql
+            key = self.key
+            if self.gone_ids:
+                run(MERGE_SQLITE["gone"], [(key, u) for u in self.gone_ids])
+            if self.moved_rows:
+                run(MERGE_SQLITE["moved"], [(v, c, key, u) for u, v, c in self.moved_rows])
+            if self.new_rows:
+                self.inserted += _insert_rows(self.conn, self.insert, self.new_rows, self.stats)
+            if self.candidates:
+                run(MERGE_SQLITE["candidates"], [(u,) for u in self.candidates])
+        if self.stragglers:
+            # Every snapshot row below the stream's highest id has been matched or
+            # deleted by now (this flush's deletes ran above).
+            self.inserted += _insert_rows(self.conn, self.insert, self.stragglers, self.stats)
+        self.gone_ids, self.moved_rows, self.new_rows = [], [], []
+        self.stragglers, self.candidates = [], []
+
+    def _flush_postgres(self) -> None:
+        run = self.conn.exec_driver_sql
+        key = self.key
+        if self.gone_ids:
+            run(MERGE_PG["gone"], (key, self.gone_ids))
+        if self.moved_rows:
+            run(MERGE_PG["moved"], (*_columns_of(self.moved_rows), key))
+        if self.new_rows:
+            added = run(MERGE_PG["new"], (key, *_columns_of(self.new_rows))).rowcount
+            self.inserted += int(added)
+            self.stats.duplicate_ids += len(self.new_rows) - int(added)
+        if self.candidates:
+            run(MERGE_PG["candidates"], (self.candidates,))
+
+
+def _columns_of(rows: list[SnapshotRow]) -> tuple[list[str], list[str], list[str | None]]:
+    return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+
+
+def _previous_pages(
+    conn: Connection, key: str, absent: str, chunk_size: int
+) -> Iterator[list[tuple[str, str, str | None, int]]]:
+    """The previous snapshot of ``key`` as (user_id, value, contact, AGREES | HOLDS), in
+    pages, in the stream's order (code points: Python's string order, and UTF-8's
+    byte order).
+
+    SQLite: pages by key (its primary key is in byte order), each page its own
+    statement, so the merge may write between pages. PostgreSQL: one server-side
+    cursor in the ``C`` collation; it sees the tables as they were when opened.
+    """
+    postgres = conn.dialect.name == "postgresql"
+    cursor: Any = conn.connection.driver_connection.cursor(  # type: ignore[union-attr]
+        **({"name": "audsync_previous"} if postgres else {})
+    )
+    try:
+        if postgres:
+            cursor.itersize = chunk_size
+            cursor.execute(PREVIOUS_SNAPSHOT_PG, (absent, key))
+            while page := cursor.fetchmany(chunk_size):
+                yield page
+            return
+        after = ""
+        while page := cursor.execute(
+            PREVIOUS_PAGE_SQLITE, (absent, key, after, chunk_size)
+        ).fetchall():
+            yield page
+            after = page[-1][0]
+    finally:
+        cursor.close()
