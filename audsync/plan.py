@@ -19,12 +19,14 @@ from sqlalchemy import Connection, Engine, delete, func, insert, select, text, u
 
 from audsync import models
 from audsync.clock import utcnow
-from audsync.config import Definition
+from audsync.config import Definition, SyncConfig
 from audsync.plan_in_db import Target, load_in_database
 from audsync.source import SnapshotRow, StreamStats, stream_snapshot
 from audsync.values import JSON_FALSE, JSON_NULL, JSON_TRUE
 
 Mode = Literal["initial", "incremental", "full"]
+
+_DEFAULT_SETTINGS = SyncConfig()
 
 PRIORITY_ROUTINE = 0
 PRIORITY_BACKFILL = 1
@@ -196,24 +198,109 @@ class PlanResult:
     counted_only: bool = False  # a dry run's first plan: members counted, not queued
 
 
+# -- named statements (issue 16 item 2 style; merged with manager.py's later) ------------
+
+SUPERSEDED_BY_RUN = (
+    "SELECT o.run_id, COUNT(*) FROM outbox o"
+    " LEFT JOIN audsync_changes c ON c.user_id = o.user_id"
+    " WHERE o.audience_key = :k AND o.state = 'pending'"
+    " AND (c.user_id IS NULL OR c.value <> o.value OR :full"
+    " OR c.contact {differs} o.contact OR c.contact_only <> o.contact_only)"
+    " GROUP BY o.run_id"
+)
+"""Pending values this plan replaces or no longer needs, per run that queued them: each
+run is credited ``superseded`` for them (``{differs}``: :func:`distinct`)."""
+
+OVERWRITE_ATTEMPTED = (
+    "UPDATE outbox SET"
+    " value = COALESCE((SELECT s.value FROM snapshot s WHERE s.audience_key = :k"
+    " AND s.user_id = outbox.user_id), :absent),"
+    " contact = (SELECT s.contact FROM snapshot s WHERE s.audience_key = :k"
+    " AND s.user_id = outbox.user_id),"
+    " version = version + 1, run_id = :run, priority = 0, queued_at = :now,"
+    " contact_only = FALSE"
+    " WHERE audience_key = :k AND state = 'pending' AND attempted"
+    " AND NOT EXISTS (SELECT 1 FROM audsync_changes c WHERE c.user_id = outbox.user_id)"
+    " AND " + NOT_FORGOTTEN.format("outbox.user_id")
+)
+"""A pending value whose call may already have reached Gleap cannot be withdrawn (Gleap
+may hold it): overwrite it with what Gleap should hold instead."""
+
+WITHDRAW_UNNEEDED = (
+    "DELETE FROM outbox WHERE audience_key = :k AND NOT EXISTS"
+    " (SELECT 1 FROM audsync_changes c WHERE c.user_id = outbox.user_id)"
+    # A forgotten user's value goes even if attempted: the contact is deleted.
+    " AND NOT (state = 'pending' AND attempted AND "
+    + NOT_FORGOTTEN.format("outbox.user_id")
+    + ")"
+)
+"""Outbox rows of the key that are no longer a change (already credited above)."""
+
+UPSERT_CHANGES = (
+    "INSERT INTO outbox (audience_key, user_id, value, contact, contact_only, run_id,"
+    " version, priority, state, attempts, queued_at)"
+    " SELECT :k, c.user_id, c.value, c.contact, c.contact_only, :run, 1, :prio,"
+    " 'pending', 0, :now"
+    " FROM audsync_changes c WHERE "
+    + NOT_FORGOTTEN.format("c.user_id")
+    + " ON CONFLICT (user_id, audience_key) DO UPDATE SET"
+    " value = excluded.value, contact = excluded.contact,"
+    " contact_only = excluded.contact_only, run_id = excluded.run_id,"
+    " version = outbox.version + 1, priority = excluded.priority, state = 'pending',"
+    # Rejections in a row count whatever the value does: only an
+    # acknowledgement, retry-failed or --full start them over, and a
+    # parked change stays parked (its value waits with it).
+    " attempts = CASE WHEN :full THEN 0 ELSE outbox.attempts END,"
+    " queued_at = excluded.queued_at"
+    " WHERE :full OR (outbox.state = 'pending' AND (outbox.value <> excluded.value"
+    " OR outbox.priority = :retry"
+    # The superseded count reads the same conditions.
+    " OR outbox.contact {differs} excluded.contact"
+    " OR outbox.contact_only <> excluded.contact_only))"
+)
+"""Queue this plan's changes under its run: new rows, or a new version of a row whose
+value moved (``{differs}``: :func:`distinct`)."""
+
+CHANGES_BY_KIND = "SELECT kind, COUNT(*) FROM audsync_changes GROUP BY kind"
+"""The plan's changes per kind (entered, exited, changed, contact, reasserted)."""
+
+DROP_SUPPRESSED_FROM_FIRST_PLAN = (
+    "DELETE FROM outbox WHERE audience_key = :k AND run_id = :run"
+    " AND user_id IN (SELECT user_id FROM suppressions)"
+)
+"""Forgotten users never come back through a query (audsync forget): a first plan's rows
+were never pending for anyone else, so there is nothing to credit."""
+
+
+def decide_mode(conn: Connection, key: str, full: bool) -> Mode:
+    """The mode of the next plan of ``key`` (:func:`choose_mode` over its ledger rows):
+    decided once per plan, by the caller that records the run."""
+    ledger_rows = conn.execute(
+        select(func.count()).select_from(models.ledger).where(models.ledger.c.audience_key == key)
+    ).scalar_one()
+    return choose_mode(int(ledger_rows), full)
+
+
 def plan_definition(
     conn: Connection,
     source: Engine,
     definition: Definition,
     *,
     run_id: int,
+    settings: SyncConfig = _DEFAULT_SETTINGS,
+    mode: Mode | None = None,
     full: bool = False,
     force: bool = False,
-    chunk_size: int = 5000,
-    max_exit_ratio: float = 0.5,
-    max_attempts: int = 5,
     stop: Callable[[], bool] | None = None,
     on_rows: Callable[[int], None] | None = None,
     keys: Mapping[str, str] | None = None,
     dry_run: bool = False,
-    in_database: bool = False,
 ) -> PlanResult:
     """Snapshot ``definition``'s query and queue its changes, inside ``conn``'s transaction.
+
+    ``settings`` is the ``[sync]`` section (chunk size, breaker ratio, attempts,
+    in-database planning). ``mode`` is the one the caller decided with
+    :func:`decide_mode` (and recorded on the run); decided here when not given.
 
     When the circuit breaker holds the plan, nothing is queued and
     ``result.held`` says why: the caller must roll the transaction back.
@@ -224,177 +311,237 @@ def plan_definition(
     A first plan writes each member once, straight into the outbox (no
     snapshot: the next plan writes it). With ``dry_run`` (the caller rolls back)
     a first plan loads only the snapshot and counts; ``result.counted_only``
-    then says its members were not queued (``dry_run_calls`` adds them).
+    then says its members were not queued (``dry_run_calls`` adds them). An
+    incremental plan merges the query into the previous snapshot, writing only
+    what moved (:func:`merge_snapshot`).
 
-    With ``in_database`` (``[sync] in_database = auto``) the rows are loaded by
-    one INSERT ... SELECT inside the state DB when the source is the same
-    database (:mod:`audsync.plan_in_db`); otherwise they are streamed.
+    With ``[sync] in_database = auto`` the rows are loaded by one INSERT ...
+    SELECT inside the state DB when the source is the same database
+    (:mod:`audsync.plan_in_db`); otherwise they are streamed.
     """
-    key = definition.key
-    absent = absent_value(definition)
-    ledger_rows = conn.execute(
-        select(func.count()).select_from(models.ledger).where(models.ledger.c.audience_key == key)
-    ).scalar_one()
-    mode = choose_mode(ledger_rows, full)
-    result = PlanResult(key=key, mode=mode, kind_label=definition.kind)
+    if mode is None:
+        mode = decide_mode(conn, definition.key, full)
+    planner = _Planner(conn, source, definition, settings, run_id, mode, stop, on_rows, keys)
+    return planner.plan(force=force, dry_run=dry_run)
 
-    if mode == "initial" and not _has_outbox_rows(conn, key):
-        # First sync and nothing queued: every member is a change.
-        if dry_run:
-            _count_first_plan(
-                conn, source, definition, result, chunk_size, stop, on_rows, keys, in_database
-            )
-        else:
-            _queue_first_plan(
-                conn, source, definition, result, run_id, chunk_size, stop, on_rows, keys,
-                in_database,
-            )
-        return result
 
-    # An incremental plan writes only what moved (in-database planning loads the
-    # snapshot whole, in one statement, and diffs all of it).
-    merged: Merged | None = None
-    if mode == "incremental" and not in_database:
-        merged = merge_snapshot(
-            conn, source, definition, chunk_size, result.stats, absent, stop, on_rows, keys
+class _Planner:
+    """One plan's named steps, sharing the plan's connection, settings and result."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        source: Engine,
+        definition: Definition,
+        settings: SyncConfig,
+        run_id: int,
+        mode: Mode,
+        stop: Callable[[], bool] | None,
+        on_rows: Callable[[int], None] | None,
+        keys: Mapping[str, str] | None,
+    ) -> None:
+        self.conn = conn
+        self.source = source
+        self.definition = definition
+        self.key = definition.key
+        self.settings = settings
+        self.run_id = run_id
+        self.mode: Mode = mode
+        self.full = mode == "full"
+        self.absent = absent_value(definition)
+        self.stop = stop
+        self.on_rows = on_rows
+        self.keys = keys
+        self.in_database = settings.in_database == "auto"
+        self.result = PlanResult(key=self.key, mode=mode, kind_label=definition.kind)
+
+    def plan(self, *, force: bool, dry_run: bool) -> PlanResult:
+        """Load, diff, hold or queue: the steps of one plan."""
+        if self.mode == "initial" and not _has_outbox_rows(self.conn, self.key):
+            # First sync and nothing queued: every member is a change.
+            if dry_run:
+                self.count_first_plan()
+            else:
+                self.queue_first_plan()
+            return self.result
+        merged = self.load_snapshot()
+        self.lock_outbox()
+        self.find_changes(candidates=merged is not None)
+        self.result.held = self.breaker(merged, force)
+        if self.result.held:
+            return self.result
+        self.queue_changes()
+        return self.result
+
+    def rows_into(self, target: LoadTarget) -> None:
+        load_rows(
+            self.conn,
+            target,
+            self.source,
+            self.definition,
+            self.settings.chunk_size,
+            self.result.stats,
+            self.stop,
+            self.on_rows,
+            self.keys,
+            self.in_database,
         )
-        result.members = merged.members - _drop_suppressed_from_snapshot(conn, key)
-    else:
-        load_snapshot(
-            conn, source, definition, chunk_size, result.stats, stop, on_rows, keys, in_database
+
+    def queue_first_plan(self) -> None:
+        """A first plan with nothing queued: stream the members straight into the outbox.
+
+        Each member is written once. The snapshot keeps no rows of this audience
+        (an older one would be stale); the next plan loads it. Ids, values and
+        contacts are exactly what the snapshot would hold: the same stream, the same
+        duplicate rule (ON CONFLICT on the outbox key).
+        """
+        conn, key, result = self.conn, self.key, self.result
+        conn.execute(delete(models.snapshot).where(models.snapshot.c.audience_key == key))
+        self.rows_into(outbox_target(key, self.run_id, PRIORITY_BACKFILL, utcnow()))
+        conn.execute(text(DROP_SUPPRESSED_FROM_FIRST_PLAN), {"k": key, "run": self.run_id})
+        o = models.outbox.c
+        result.members = int(
+            conn.execute(
+                select(func.count()).select_from(models.outbox).where(o.audience_key == key)
+            ).scalar_one()
         )
+        result.entered = result.queued = result.members
+        if self.definition.kind == "contacts":
+            # [contacts] has nothing to tell about a user without contact fields.
+            empty = conn.execute(
+                delete(models.outbox).where(
+                    o.audience_key == key, o.run_id == self.run_id, o.contact.is_(None)
+                )
+            ).rowcount
+            result.entered = result.queued = result.members - int(empty)
+        _record_audience(conn, self.definition, result.members)
+        drop_forgotten(conn, key)
+
+    def count_first_plan(self) -> None:
+        """A dry run's first plan: load the snapshot (to count distinct, storable,
+        unforgotten ids exactly as a real plan would) and queue nothing."""
+        self.conn.execute(
+            delete(models.snapshot).where(models.snapshot.c.audience_key == self.key)
+        )
+        self.rows_into(LoadTarget("snapshot", self.key))
+        _drop_suppressed_from_snapshot(self.conn, self.key)
+        self.result.members = _snapshot_members(self.conn, self.key)
+        self.result.entered = self.result.queued = self.result.members
+        self.result.counted_only = True
+
+    def load_snapshot(self) -> Merged | None:
+        """Bring the snapshot up to the query's result: merged (an incremental plan,
+        which writes only what moved) or reloaded (in-database planning loads it
+        whole, in one statement, and diffs all of it). The merge's counts, if merged."""
+        conn, key, result = self.conn, self.key, self.result
+        if self.mode == "incremental" and not self.in_database:
+            merged = merge_snapshot(
+                conn,
+                self.source,
+                self.definition,
+                self.settings.chunk_size,
+                result.stats,
+                self.absent,
+                self.stop,
+                self.on_rows,
+                self.keys,
+            )
+            result.members = merged.members - _drop_suppressed_from_snapshot(conn, key)
+            return merged
+        conn.execute(delete(models.snapshot).where(models.snapshot.c.audience_key == key))
+        self.rows_into(LoadTarget("snapshot", key))
         _drop_suppressed_from_snapshot(conn, key)
         result.members = _snapshot_members(conn, key)
+        return None
 
-    if conn.dialect.name == "postgresql":
-        # From the diff's reads to the commit, no acknowledgement (nor any other
-        # outbox write) may land in between: one that did would be counted both
-        # delivered (by the deliverer) and superseded (from this plan's reads), and
-        # a user acknowledged after the diff read the ledger would be queued again.
-        # Readers are not blocked; writers wait for this commit. On SQLite this
-        # transaction already holds the database's only write lock.
-        conn.exec_driver_sql("LOCK TABLE outbox IN SHARE ROW EXCLUSIVE MODE")
-    _fill_changes(
-        conn, key, absent, full=mode == "full", keyed=definition.kind != "contacts",
-        candidates=merged is not None,
-    )
-    for kind, count in conn.execute(
-        text("SELECT kind, COUNT(*) FROM audsync_changes GROUP BY kind")
-    ):
-        setattr(result, kind, int(count))
+    def lock_outbox(self) -> None:
+        """PostgreSQL: from the diff's reads to the commit, no acknowledgement (nor any
+        other outbox write) may land in between: one that did would be counted both
+        delivered (by the deliverer) and superseded (from this plan's reads), and a
+        user acknowledged after the diff read the ledger would be queued again.
+        Readers are not blocked; writers wait for this commit. On SQLite this
+        transaction already holds the database's only write lock."""
+        if self.conn.dialect.name == "postgresql":
+            self.conn.exec_driver_sql("LOCK TABLE outbox IN SHARE ROW EXCLUSIVE MODE")
 
-    # The base of the breaker's ratio: what Gleap holds, or — while a first
-    # sync is still being delivered — what the last plan found, whichever is
-    # larger; otherwise routine churn against a half-delivered backfill would
-    # look like an exodus.
-    if merged is not None and conn.dialect.name == "sqlite":
-        # Counted by the merge in this same write transaction: nothing moved since.
-        held_by_gleap = merged.held
-    else:
-        held_by_gleap = conn.execute(
-            select(func.count())
-            .select_from(models.ledger)
-            .where(models.ledger.c.audience_key == key, models.ledger.c.value != absent)
-        ).scalar_one()
-    last_plan = conn.execute(
-        select(models.audiences.c.members).where(models.audiences.c.key == key)
-    ).scalar()
-    previous = max(int(held_by_gleap), int(last_plan or 0))
-    # [contacts] never tells Gleap anyone left: there is nothing for a breaker to stop.
-    if definition.kind != "contacts":
-        result.held = breaker_verdict(
-            previous, result.members, result.exited, max_exit_ratio, force
+    def find_changes(self, *, candidates: bool) -> None:
+        """Diff the snapshot against the ledger into ``audsync_changes``; count them."""
+        _fill_changes(
+            self.conn,
+            self.key,
+            self.absent,
+            full=self.full,
+            keyed=self.definition.kind != "contacts",
+            candidates=candidates,
         )
-    if result.held:
-        return result
+        for kind, count in self.conn.execute(text(CHANGES_BY_KIND)):
+            setattr(self.result, kind, int(count))
 
-    params = {
-        "k": key,
-        "run": run_id,
-        "full": mode == "full",
-        "prio": PRIORITY_BACKFILL if mode == "initial" else PRIORITY_ROUTINE,
-        "now": utcnow(),
-        "max_attempts": max_attempts,
-        "retry": PRIORITY_RETRY,
-    }
-    differs = distinct(conn.dialect.name)
-    # Pending values a newer plan replaces or no longer needs: credit them to
-    # the run that queued them, so every run's counts still add up. Read under
-    # the lock above, so these are exactly the rows the statements below replace.
-    superseded = conn.execute(
-        text(
-            "SELECT o.run_id, COUNT(*) FROM outbox o"
-            " LEFT JOIN audsync_changes c ON c.user_id = o.user_id"
-            " WHERE o.audience_key = :k AND o.state = 'pending'"
-            " AND (c.user_id IS NULL OR c.value <> o.value OR :full"
-            f" OR c.contact {differs} o.contact OR c.contact_only <> o.contact_only)"
-            " GROUP BY o.run_id"
-        ),
-        params,
-    ).all()
-    credit_runs(conn, "superseded", {r: int(c) for r, c in superseded if r != run_id})
-    _count_transitions(conn, result, params)
-    # A pending value whose call may already have reached Gleap (the process
-    # died mid-call, or the call is in flight now) cannot be withdrawn: Gleap
-    # may hold it. Overwrite it with what Gleap should hold instead.
-    overwritten = conn.execute(
-        text(
-            "UPDATE outbox SET"
-            " value = COALESCE((SELECT s.value FROM snapshot s WHERE s.audience_key = :k"
-            " AND s.user_id = outbox.user_id), :absent),"
-            " contact = (SELECT s.contact FROM snapshot s WHERE s.audience_key = :k"
-            " AND s.user_id = outbox.user_id),"
-            " version = version + 1, run_id = :run, priority = 0, queued_at = :now,"
-            " contact_only = FALSE"
-            " WHERE audience_key = :k AND state = 'pending' AND attempted"
-            " AND NOT EXISTS (SELECT 1 FROM audsync_changes c WHERE c.user_id = outbox.user_id)"
-            " AND " + NOT_FORGOTTEN.format("outbox.user_id")
-        ),
-        {**params, "absent": absent},
-    ).rowcount
-    conn.execute(
-        text(
-            "DELETE FROM outbox WHERE audience_key = :k AND NOT EXISTS"
-            " (SELECT 1 FROM audsync_changes c WHERE c.user_id = outbox.user_id)"
-            # A forgotten user's value goes even if attempted: the contact is deleted.
-            " AND NOT (state = 'pending' AND attempted AND "
-            + NOT_FORGOTTEN.format("outbox.user_id")
-            + ")"
-        ),
-        params,
-    )
-    upserted = conn.execute(
-        text(
-            "INSERT INTO outbox (audience_key, user_id, value, contact, contact_only, run_id,"
-            " version, priority, state, attempts, queued_at)"
-            " SELECT :k, c.user_id, c.value, c.contact, c.contact_only, :run, 1, :prio,"
-            " 'pending', 0, :now"
-            " FROM audsync_changes c WHERE "
-            + NOT_FORGOTTEN.format("c.user_id")
-            + " ON CONFLICT (user_id, audience_key) DO UPDATE SET"
-            " value = excluded.value, contact = excluded.contact,"
-            " contact_only = excluded.contact_only, run_id = excluded.run_id,"
-            " version = outbox.version + 1, priority = excluded.priority, state = 'pending',"
-            # Rejections in a row count whatever the value does: only an
-            # acknowledgement, retry-failed or --full start them over, and a
-            # parked change stays parked (its value waits with it).
-            " attempts = CASE WHEN :full THEN 0 ELSE outbox.attempts END,"
-            " queued_at = excluded.queued_at"
-            " WHERE :full OR (outbox.state = 'pending' AND (outbox.value <> excluded.value"
-            " OR outbox.priority = :retry"
-            # The superseded count above reads the same conditions.
-            f" OR outbox.contact {differs} excluded.contact"
-            " OR outbox.contact_only <> excluded.contact_only))"
-        ),
-        params,
-    )
-    _park_spent(conn, key, max_attempts)
-    result.superseded = sum(int(c) for r, c in superseded if r != run_id)
-    # inserted + updated + overwritten: what this run now owns
-    result.queued = int(upserted.rowcount) + int(overwritten)
-    _record_audience(conn, definition, result.members)
-    drop_forgotten(conn, key)
-    return result
+    def breaker(self, merged: Merged | None, force: bool) -> str | None:
+        """Why the circuit breaker holds this plan, or None (:func:`breaker_verdict`).
+
+        The base of its ratio: what Gleap holds, or — while a first sync is still
+        being delivered — what the last plan found, whichever is larger; otherwise
+        routine churn against a half-delivered backfill would look like an exodus.
+        """
+        conn, key = self.conn, self.key
+        if merged is not None and conn.dialect.name == "sqlite":
+            # Counted by the merge in this same write transaction: nothing moved since.
+            held_by_gleap = merged.held
+        else:
+            held_by_gleap = conn.execute(
+                select(func.count())
+                .select_from(models.ledger)
+                .where(models.ledger.c.audience_key == key, models.ledger.c.value != self.absent)
+            ).scalar_one()
+        last_plan = conn.execute(
+            select(models.audiences.c.members).where(models.audiences.c.key == key)
+        ).scalar()
+        previous = max(int(held_by_gleap), int(last_plan or 0))
+        # [contacts] never tells Gleap anyone left: there is nothing for a breaker to stop.
+        if self.definition.kind == "contacts":
+            return None
+        return breaker_verdict(
+            previous,
+            self.result.members,
+            self.result.exited,
+            self.settings.max_exit_ratio,
+            force,
+        )
+
+    def queue_changes(self) -> None:
+        """Make the outbox match the changes: credit what is superseded, overwrite what
+        may have reached Gleap, withdraw what is no longer a change, upsert the rest."""
+        conn, key, result = self.conn, self.key, self.result
+        params = {
+            "k": key,
+            "run": self.run_id,
+            "full": self.full,
+            "prio": PRIORITY_BACKFILL if self.mode == "initial" else PRIORITY_ROUTINE,
+            "now": utcnow(),
+            "max_attempts": self.settings.max_attempts,
+            "retry": PRIORITY_RETRY,
+        }
+        differs = distinct(conn.dialect.name)
+        # Read under the outbox lock, so these are exactly the rows the statements
+        # below replace; credited to the runs that queued them, so every run's counts
+        # still add up.
+        superseded = conn.execute(
+            text(SUPERSEDED_BY_RUN.format(differs=differs)), params
+        ).all()
+        credit_runs(conn, "superseded", {r: int(c) for r, c in superseded if r != self.run_id})
+        _count_transitions(conn, result, params)
+        overwritten = conn.execute(
+            text(OVERWRITE_ATTEMPTED), {**params, "absent": self.absent}
+        ).rowcount
+        conn.execute(text(WITHDRAW_UNNEEDED), params)
+        upserted = conn.execute(text(UPSERT_CHANGES.format(differs=differs)), params)
+        _park_spent(conn, key, self.settings.max_attempts)
+        result.superseded = sum(int(c) for r, c in superseded if r != self.run_id)
+        # inserted + updated + overwritten: what this run now owns
+        result.queued = int(upserted.rowcount) + int(overwritten)
+        _record_audience(conn, self.definition, result.members)
+        drop_forgotten(conn, key)
 
 
 def _drop_suppressed_from_snapshot(conn: Connection, key: str) -> int:
@@ -415,82 +562,6 @@ def _snapshot_members(conn: Connection, key: str) -> int:
             .where(models.snapshot.c.audience_key == key)
         ).scalar_one()
     )
-
-
-def _queue_first_plan(
-    conn: Connection,
-    source: Engine,
-    definition: Definition,
-    result: PlanResult,
-    run_id: int,
-    chunk_size: int,
-    stop: Callable[[], bool] | None,
-    on_rows: Callable[[int], None] | None,
-    keys: Mapping[str, str] | None,
-    in_database: bool,
-) -> None:
-    """A first plan with nothing queued: stream the members straight into the outbox.
-
-    Each member is written once. The snapshot keeps no rows of this audience
-    (an older one would be stale); the next plan loads it. Ids, values and
-    contacts are exactly what the snapshot would hold: the same stream, the same
-    duplicate rule (ON CONFLICT on the outbox key).
-    """
-    key = definition.key
-    conn.execute(delete(models.snapshot).where(models.snapshot.c.audience_key == key))
-    target = outbox_target(key, run_id, PRIORITY_BACKFILL, utcnow())
-    load_rows(
-        conn, target, source, definition, chunk_size, result.stats, stop, on_rows, keys,
-        in_database,
-    )
-    # Forgotten users never come back through a query (audsync forget): these
-    # rows were never pending for anyone else, so there is nothing to credit.
-    conn.execute(
-        text(
-            "DELETE FROM outbox WHERE audience_key = :k AND run_id = :run"
-            " AND user_id IN (SELECT user_id FROM suppressions)"
-        ),
-        {"k": key, "run": run_id},
-    )
-    o = models.outbox.c
-    result.members = int(
-        conn.execute(
-            select(func.count()).select_from(models.outbox).where(o.audience_key == key)
-        ).scalar_one()
-    )
-    result.entered = result.queued = result.members
-    if definition.kind == "contacts":
-        # [contacts] has nothing to tell about a user without contact fields.
-        empty = conn.execute(
-            delete(models.outbox).where(
-                o.audience_key == key, o.run_id == run_id, o.contact.is_(None)
-            )
-        ).rowcount
-        result.entered = result.queued = result.members - int(empty)
-    _record_audience(conn, definition, result.members)
-    drop_forgotten(conn, key)
-
-
-def _count_first_plan(
-    conn: Connection,
-    source: Engine,
-    definition: Definition,
-    result: PlanResult,
-    chunk_size: int,
-    stop: Callable[[], bool] | None,
-    on_rows: Callable[[int], None] | None,
-    keys: Mapping[str, str] | None,
-    in_database: bool,
-) -> None:
-    """A dry run's first plan: load the snapshot (to count distinct, storable,
-    unforgotten ids exactly as a real plan would) and queue nothing."""
-    load_snapshot(
-        conn, source, definition, chunk_size, result.stats, stop, on_rows, keys, in_database
-    )
-    _drop_suppressed_from_snapshot(conn, definition.key)
-    result.members = _snapshot_members(conn, definition.key)
-    result.entered = result.queued = result.members
-    result.counted_only = True
 
 
 def dry_run_calls(conn: Connection, counted_only: Iterable[str]) -> int:
@@ -640,25 +711,6 @@ def outbox_target(key: str, run_id: int, priority: int, now: dt.datetime) -> Loa
             # The text SQLAlchemy stores for a DateTime on SQLite; PostgreSQL parses it.
             ("queued_at", sql_literal(now.strftime("%Y-%m-%d %H:%M:%S.%f"))),
         ),
-    )
-
-
-def load_snapshot(
-    conn: Connection,
-    source: Engine,
-    definition: Definition,
-    chunk_size: int,
-    stats: StreamStats,
-    stop: Callable[[], bool] | None = None,
-    on_rows: Callable[[int], None] | None = None,
-    keys: Mapping[str, str] | None = None,
-    in_database: bool = False,
-) -> None:
-    """Replace the audience's snapshot with the query's current result."""
-    conn.execute(delete(models.snapshot).where(models.snapshot.c.audience_key == definition.key))
-    load_rows(
-        conn, LoadTarget("snapshot", definition.key), source, definition, chunk_size, stats,
-        stop, on_rows, keys, in_database,
     )
 
 
@@ -1007,7 +1059,7 @@ def merge_snapshot(
     ledger row — new, moved, unchanged but not what Gleap acknowledged, gone while
     the ledger holds a value — goes into ``audsync_candidates``, and the diff
     (:func:`_fill_changes`) looks only at those. The snapshot is exactly what
-    :func:`load_snapshot` writes: the same stream, the same duplicate rule.
+    :meth:`_Planner.load_snapshot` reloads: the same stream, the same duplicate rule.
     """
     key = definition.key
     postgres = conn.dialect.name == "postgresql"

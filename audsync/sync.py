@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, delete, event, func, select
+from sqlalchemy import Engine, create_engine, delete, event, select
 from sqlalchemy.engine import make_url
 
 from audsync import alerts, locks, models
@@ -43,7 +43,7 @@ from audsync.manager import fail_runs_left_waiting, finalize_runs
 from audsync.pacing import budget_seconds
 from audsync.plan import (
     PlanResult,
-    choose_mode,
+    decide_mode,
     dry_run_calls,
     ensure_audience,
     plan_definition,
@@ -340,18 +340,15 @@ def _plan_one(
     progress: Progress,
 ) -> None:
     with state.connect() as conn:
-        ledger_rows = conn.execute(
-            select(func.count())
-            .select_from(models.ledger)
-            .where(models.ledger.c.audience_key == definition.key)
-        ).scalar_one()
+        # Decided once: recorded on the run, and the plan follows it.
+        mode = decide_mode(conn, definition.key, full)
         # The last plan's member count is the best guess at how many rows come.
         expected = conn.execute(
             select(models.audiences.c.members).where(models.audiences.c.key == definition.key)
         ).scalar()
     with state.begin() as conn:
         ensure_audience(conn, definition)
-    run_id = start_run(state, definition.key, trigger, choose_mode(ledger_rows, full))
+    run_id = start_run(state, definition.key, trigger, mode)
     outcome.run_ids.append(run_id)
     started = time.monotonic()
     on_rows = _query_progress(progress, definition.key, expected)
@@ -363,15 +360,13 @@ def _plan_one(
                 source,
                 definition,
                 run_id=run_id,
+                settings=config.sync,
+                mode=mode,
                 full=full,
                 force=force,
-                chunk_size=config.sync.chunk_size,
-                max_exit_ratio=config.sync.max_exit_ratio,
-                max_attempts=config.sync.max_attempts,
                 stop=stop,
                 on_rows=on_rows,
                 keys=config.key_kinds(),
-                in_database=config.sync.in_database == "auto",
             )
         except SourceError as exc:
             progress.finish("querying")
@@ -540,15 +535,13 @@ def _dry_run(
                         source,
                         definition,
                         run_id=-number,  # never a real run id; rolled back anyway
+                        settings=config.sync,
+                        mode=decide_mode(conn, definition.key, full),
                         full=full,
                         force=force,
-                        chunk_size=config.sync.chunk_size,
-                        max_exit_ratio=config.sync.max_exit_ratio,
-                        max_attempts=config.sync.max_attempts,
                         on_rows=_query_progress(progress, definition.key, None),
                         keys=config.key_kinds(),
                         dry_run=True,
-                        in_database=config.sync.in_database == "auto",
                     )
                 except SourceError as exc:
                     outcome.errors.append(str(exc))

@@ -108,8 +108,9 @@ def plan_once(state: Engine, source: Engine, in_database: bool = False) -> int:
     """One real plan, committed, as `audsync sync` does before delivering."""
     run_id = start_run(state, DEFINITION.key, "manual", "bench")
     with state.begin() as conn:
+        settings = SyncConfig(in_database="auto" if in_database else "off")
         result = plan_definition(
-            conn, source, DEFINITION, run_id=run_id, force=True, in_database=in_database
+            conn, source, DEFINITION, run_id=run_id, settings=settings, force=True
         )
     return result.queued
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, text
 
-from audsync.config import Definition
+from audsync.config import Definition, SyncConfig
 from audsync.history import start_run
 from audsync.plan import plan_definition
 from audsync.state import open_state
@@ -76,7 +76,8 @@ def _rolled_back(
     path that loads the whole snapshot (in_database falls back to it here)."""
     with state.connect() as conn:
         tx = conn.begin()
-        result = plan_definition(conn, source, definition, run_id=run_id, in_database=reload)
+        settings = SyncConfig(in_database="auto" if reload else "off")
+        result = plan_definition(conn, source, definition, run_id=run_id, settings=settings)
         k = {"k": definition.key}
         found = {
             "result": {

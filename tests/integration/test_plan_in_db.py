@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import make_url
 
-from audsync.config import Definition
+from audsync.config import Definition, SyncConfig
 from audsync.history import start_run
 from audsync.plan import plan_definition
 from audsync.state import open_state
@@ -132,7 +132,7 @@ def _plan(
         tx = conn.begin()
         result = plan_definition(
             conn, source, definition, run_id=run_id, force=True, dry_run=dry_run,
-            in_database=in_database,
+            settings=SyncConfig(in_database="auto" if in_database else "off"),
         )
         written = {
             table: sorted(
