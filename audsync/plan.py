@@ -20,7 +20,7 @@ from sqlalchemy import Connection, Engine, delete, func, insert, select, text, u
 from audsync import models
 from audsync.clock import utcnow
 from audsync.config import Definition, SyncConfig
-from audsync.plan_in_db import Target, load_in_database
+from audsync.plan_in_db import WORK_MEM, Target, load_in_database
 from audsync.source import SnapshotRow, StreamStats, stream_snapshot
 from audsync.values import JSON_FALSE, JSON_NULL, JSON_TRUE
 
@@ -1254,6 +1254,8 @@ def _previous_pages(
     try:
         if postgres:
             cursor.itersize = chunk_size
+            # Its one sort (a few million ids) stays in memory instead of spilling.
+            conn.execute(text("SELECT set_config('work_mem', :mem, true)"), {"mem": WORK_MEM})
             cursor.execute(PREVIOUS_SNAPSHOT_PG, (absent, key))
             while page := cursor.fetchmany(chunk_size):
                 yield page
