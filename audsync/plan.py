@@ -10,12 +10,23 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any, Literal
 
-from sqlalchemy import Connection, Engine, delete, func, insert, select, text, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    column,
+    delete,
+    func,
+    insert,
+    select,
+    table,
+    text,
+    update,
+)
 
 from audsync import models
 from audsync.clock import utcnow
@@ -272,6 +283,30 @@ DROP_SUPPRESSED_FROM_FIRST_PLAN = (
 were never pending for anyone else, so there is nothing to credit."""
 
 
+CREATE_COUNTED = (
+    "CREATE TEMP TABLE IF NOT EXISTS audsync_counted (audience_key TEXT NOT NULL,"
+    " user_id TEXT NOT NULL, value TEXT, contact TEXT,"
+    " PRIMARY KEY (audience_key, user_id))"
+)
+"""A dry run's first plans count their members here: the snapshot's key, in temp
+storage (no journal to write for rows the dry run throws away); streamed, only the
+ids are written (in-database planning writes the values too)."""
+
+CLEAR_COUNTED = "DELETE FROM audsync_counted WHERE audience_key = :k"
+"""A key counted again in the same connection starts from nothing."""
+
+DROP_SUPPRESSED_FROM_COUNTED = (
+    "DELETE FROM audsync_counted WHERE audience_key = :k"
+    " AND user_id IN (SELECT user_id FROM suppressions)"
+)
+"""Forgotten users are no members (audsync forget), as in a real plan."""
+
+COUNT_COUNTED = "SELECT COUNT(*) FROM audsync_counted WHERE audience_key = :k"
+"""The members a dry run's first plan counted."""
+
+_counted = table("audsync_counted", column("audience_key"), column("user_id"))
+
+
 def decide_mode(conn: Connection, key: str, full: bool) -> Mode:
     """The mode of the next plan of ``key`` (:func:`choose_mode` over its ledger rows):
     decided once per plan, by the caller that records the run."""
@@ -418,14 +453,20 @@ class _Planner:
         drop_forgotten(conn, key)
 
     def count_first_plan(self) -> None:
-        """A dry run's first plan: load the snapshot (to count distinct, storable,
-        unforgotten ids exactly as a real plan would) and queue nothing."""
-        self.conn.execute(
-            delete(models.snapshot).where(models.snapshot.c.audience_key == self.key)
-        )
-        self.rows_into(LoadTarget("snapshot", self.key))
-        _drop_suppressed_from_snapshot(self.conn, self.key)
-        self.result.members = _snapshot_members(self.conn, self.key)
+        """A dry run's first plan: load the members (to count distinct, storable,
+        unforgotten ids exactly as a real plan would) and queue nothing.
+
+        They go into ``audsync_counted``, a temp table shaped like the snapshot:
+        the same load and duplicate rule, without the state DB's journal, and
+        :func:`dry_run_calls` counts them from there.
+        """
+        conn, key = self.conn, self.key
+        sqlite = conn.dialect.name == "sqlite"
+        conn.exec_driver_sql(CREATE_COUNTED + (" WITHOUT ROWID" if sqlite else ""))
+        conn.execute(text(CLEAR_COUNTED), {"k": key})
+        self.rows_into(LoadTarget("audsync_counted", key, ids_only=True))
+        conn.execute(text(DROP_SUPPRESSED_FROM_COUNTED), {"k": key})
+        self.result.members = int(conn.execute(text(COUNT_COUNTED), {"k": key}).scalar_one())
         self.result.entered = self.result.queued = self.result.members
         self.result.counted_only = True
 
@@ -573,7 +614,7 @@ def dry_run_calls(conn: Connection, counted_only: Iterable[str]) -> int:
     """
     keys = sorted(set(counted_only))
     o = models.outbox.c
-    s = models.snapshot.c
+    s = _counted.c
     pending = select(o.user_id).where(o.state == "pending", o.priority != PRIORITY_RETRY)
     calls = conn.execute(
         select(func.count()).select_from(pending.distinct().subquery())
@@ -673,18 +714,28 @@ class LoadTarget:
     (ints and fixed text only) so the load binds nothing per row but the row.
     """
 
-    table: Literal["snapshot", "outbox"]
+    table: Literal["snapshot", "outbox", "audsync_counted"]
     key: str
     extra: tuple[tuple[str, str], ...] = ()
+    ids_only: bool = False  # a dry run's count needs only the ids
 
     def columns(self) -> str:
         extra = (c for c, _ in self.extra)
-        return ", ".join(["audience_key", "user_id", "value", "contact", *extra])
+        row = ["user_id"] if self.ids_only else ["user_id", "value", "contact"]
+        return ", ".join(["audience_key", *row, *extra])
+
+    def bound(self, rows: list[SnapshotRow]) -> Sequence[tuple[str | None, ...]]:
+        """What :meth:`insert` binds for ``rows``."""
+        return [(r[0],) for r in rows] if self.ids_only else rows
 
     def insert(self, placeholder: str) -> str:
         """INSERT of one (user_id, value, contact) row, skipping ids already loaded."""
         values = ", ".join(
-            [sql_literal(self.key), *[placeholder] * 3, *(v for _, v in self.extra)]
+            [
+                sql_literal(self.key),
+                *[placeholder] * (1 if self.ids_only else 3),
+                *(v for _, v in self.extra),
+            ]
         )
         return (
             f"INSERT INTO {self.table} ({self.columns()}) VALUES ({values})"
@@ -741,7 +792,7 @@ def load_rows(
     else:
         statement = target.insert("?")
         for chunk in chunks:
-            _insert_rows(conn, statement, chunk, stats)
+            _insert_rows(conn, statement, target.bound(chunk), stats)
 
 
 def _reported(
@@ -781,6 +832,7 @@ def _copy_rows(
     constants = tuple(_unquoted(v) for _, v in target.extra)
     statement = f"COPY {target.table} ({target.columns()}) FROM STDIN"
     straggler_insert = target.insert("%s")
+    width = 1 if target.ids_only else 3
     pending = iter(chunks)
     highest = ""  # below every id: empty ids never reach the snapshot
     more = True
@@ -794,14 +846,14 @@ def _copy_rows(
                     user_id = row[0]
                     if user_id > highest:
                         highest = user_id
-                        write((key, *row, *constants))
+                        write((key, *row[:width], *constants))
                     else:
                         stragglers.append(row)
                 if len(stragglers) >= chunk_size:
                     more = True  # the next COPY resumes with the next chunk
                     break
         if stragglers:
-            _insert_rows(conn, straggler_insert, stragglers, stats)
+            _insert_rows(conn, straggler_insert, target.bound(stragglers), stats)
 
 
 def _unquoted(literal: str) -> str:
@@ -809,7 +861,10 @@ def _unquoted(literal: str) -> str:
 
 
 def _insert_rows(
-    conn: Connection, statement: str, rows: list[SnapshotRow], stats: StreamStats
+    conn: Connection,
+    statement: str,
+    rows: Sequence[tuple[str | None, ...]],
+    stats: StreamStats,
 ) -> int:
     """Insert rows; an id already there is a duplicate: counted, first row kept.
     Returns how many were inserted."""

@@ -519,7 +519,9 @@ def _load(
     ).one()
     if encoding != "UTF8":
         return f"the database's encoding is {encoding}, not UTF8"
-    table = f"{_quote(schema)}.{_quote(target.table)}"
+    # A dry run's counted members go to its temp table (plan.CREATE_COUNTED).
+    where = "pg_temp" if target.table == "audsync_counted" else schema
+    table = f"{_quote(where)}.{_quote(target.table)}"
     # The query's names resolve as on the source connection: its schemas, in its
     # order. Floats print in their shortest form. The one sort of the load (by the
     # id's text) stays in memory up to WORK_MEM instead of spilling to disk.
