@@ -2,7 +2,13 @@
 
 Everything here is SQL run in the state DB inside the caller's transaction; no
 HTTP. The decisions — which mode, whether the circuit breaker holds a run —
-are pure functions at the top, tested with tables of cases.
+are pure functions at the top, tested with tables of cases. A plan's steps
+(load, lock, find changes, breaker, queue) are :class:`_Planner`'s methods.
+
+What each member costs (issue 15): a first plan writes it once, into the
+outbox; a dry run of a first plan writes only its id, into a temp table; an
+incremental plan reads it once from the previous snapshot and writes it only
+when it moved (:func:`merge_snapshot`).
 """
 
 from __future__ import annotations
