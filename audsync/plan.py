@@ -398,8 +398,10 @@ class _Planner:
 
     def plan(self, *, force: bool, dry_run: bool) -> PlanResult:
         """Load, diff, hold or queue: the steps of one plan."""
-        if self.mode == "initial" and not _has_outbox_rows(self.conn, self.key):
-            # First sync and nothing queued: every member is a change.
+        if self.mode == "initial" and not _has_rows(self.conn, self.key):
+            # First sync and nothing queued: every member is a change. (Looked at
+            # again inside this transaction: the mode was decided before it, and an
+            # acknowledgement landing in between makes the ledger the diff's base.)
             if dry_run:
                 self.count_first_plan()
             else:
@@ -706,9 +708,13 @@ def _park_spent(conn: Connection, key: str, max_attempts: int) -> None:
     credit_runs(conn, "failed", Counter(parked))
 
 
-def _has_outbox_rows(conn: Connection, key: str) -> bool:
-    o = models.outbox.c
-    return conn.execute(select(o.user_id).where(o.audience_key == key).limit(1)).first() is not None
+def _has_rows(conn: Connection, key: str) -> bool:
+    """Whether ``key`` has anything queued or acknowledged."""
+    for found in (models.outbox, models.ledger):
+        c = found.c
+        if conn.execute(select(c.user_id).where(c.audience_key == key).limit(1)).first():
+            return True
+    return False
 
 
 @dataclass(frozen=True)
