@@ -16,7 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any, Literal
@@ -1135,12 +1135,34 @@ def merge_snapshot(
     params = {"k": key, "absent": absent}
     conn.execute(text(CANDIDATES_FROM_OUTBOX if postgres else DROP_SUPPRESSED), params)
     writer = _MergeWriter(conn, key, chunk_size, stats)
-    previous = chain.from_iterable(_previous_pages(conn, key, absent, chunk_size))
+    pages = _previous_pages(conn, key, absent, chunk_size)
+    rows = stream_snapshot(source, definition, chunk_size, stats, stop, keys)
+    try:
+        kept, held = _merge(chain.from_iterable(pages), _reported(rows, stats, on_rows), writer)
+    finally:
+        pages.close()  # its cursor, before the caller ends the transaction
+    # Ledger rows with a value and no row in the previous snapshot (its exits still
+    # being delivered, or no snapshot yet after a first plan): found by the count,
+    # looked up only when there are some.
+    holding = int(conn.execute(text(COUNT_HELD), params).scalar_one())
+    if holding != held:
+        conn.execute(text(CANDIDATES_BEYOND_SNAPSHOT), params)
+    if postgres:
+        conn.exec_driver_sql("ANALYZE audsync_candidates")  # or the diff scans the snapshot
+    return Merged(members=kept + writer.inserted, held=holding)
+
+
+def _merge(
+    previous: Iterator[tuple[str, str, str | None, int]],
+    chunks: Iterable[list[SnapshotRow]],
+    writer: _MergeWriter,
+) -> tuple[int, int]:
+    """The merge of :func:`merge_snapshot`: (previous rows kept, ledger rows beside the
+    previous snapshot that hold a value)."""
     old = next(previous, None)
     kept = held = 0
     highest = ""  # below every id: empty ids never reach the snapshot
-    rows = stream_snapshot(source, definition, chunk_size, stats, stop, keys)
-    for chunk in _reported(rows, stats, on_rows):
+    for chunk in chunks:
         for row in chunk:
             user_id = row[0]
             if user_id <= highest:
@@ -1176,15 +1198,7 @@ def merge_snapshot(
             writer.candidate(old[0])
         old = next(previous, None)
     writer.flush()
-    # Ledger rows with a value and no row in the previous snapshot (its exits still
-    # being delivered, or no snapshot yet after a first plan): found by the count,
-    # looked up only when there are some.
-    holding = int(conn.execute(text(COUNT_HELD), params).scalar_one())
-    if holding != held:
-        conn.execute(text(CANDIDATES_BEYOND_SNAPSHOT), params)
-    if postgres:
-        conn.exec_driver_sql("ANALYZE audsync_candidates")  # or the diff scans the snapshot
-    return Merged(members=kept + writer.inserted, held=holding)
+    return kept, held
 
 
 MERGE_SQLITE = {
@@ -1305,7 +1319,7 @@ def _columns_of(rows: list[SnapshotRow]) -> tuple[list[str], list[str], list[str
 
 def _previous_pages(
     conn: Connection, key: str, absent: str, chunk_size: int
-) -> Iterator[list[tuple[str, str, str | None, int]]]:
+) -> Generator[list[tuple[str, str, str | None, int]], None, None]:
     """The previous snapshot of ``key`` as (user_id, value, contact, AGREES | HOLDS), in
     pages, in the stream's order (code points: Python's string order, and UTF-8's
     byte order).
