@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
+from operator import itemgetter
 from typing import Any, Literal
 
 from sqlalchemy import (
@@ -627,7 +628,10 @@ def dry_run_calls(conn: Connection, counted_only: Iterable[str]) -> int:
     calls = conn.execute(
         select(func.count()).select_from(pending.distinct().subquery())
     ).scalar_one()
-    if len(keys) == 1:
+    if len(keys) == 1 and not calls:
+        # Nobody pending (a first sync): every member is a call.
+        calls = conn.execute(select(func.count()).where(s.audience_key == keys[0])).scalar_one()
+    elif len(keys) == 1:
         # One audience counted (the usual first sync): its members without a
         # pending change, by index probes — a UNION would sort every member.
         waiting = (
@@ -738,7 +742,8 @@ class LoadTarget:
 
     def bound(self, rows: list[SnapshotRow]) -> Sequence[tuple[str | None, ...]]:
         """What :meth:`insert` binds for ``rows``."""
-        return [(r[0],) for r in rows] if self.ids_only else rows
+        # zip of one column: the 1-tuples built in C, not a Python loop per row.
+        return list(zip(map(itemgetter(0), rows))) if self.ids_only else rows
 
     def insert(self, placeholder: str) -> str:
         """INSERT of one (user_id, value, contact) row, skipping ids already loaded."""
