@@ -48,8 +48,8 @@ from audsync.gleap import (
     identify_bodies,
 )
 from audsync.locks import Lease, still_held
+from audsync.models import PRIORITY_BACKFILL, PRIORITY_RETRY, PRIORITY_ROUTINE
 from audsync.outage import outage_message, outage_verdict
-from audsync.plan import PRIORITY_BACKFILL, PRIORITY_RETRY, PRIORITY_ROUTINE
 from audsync.values import dumps
 
 ACK_BATCH = 64
@@ -669,7 +669,7 @@ class Drain:
                 # Their queued changes will never be sent: credit them as superseded.
                 manager.supersede_pending(conn, models.outbox.c.user_id.in_(ready))
             # A transaction of its own that touches nothing else: on PostgreSQL it
-            # may wait for a plan's SHARE lock (plan.drop_forgotten) while holding
+            # may wait for a plan's SHARE lock (manager.drop_forgotten) while holding
             # no row that plan could be waiting for.
             with self.engine.begin() as conn:
                 self.guard(conn)

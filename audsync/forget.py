@@ -38,7 +38,7 @@ statement sees every transaction committed before it started:
   users, so a queued event of a forgotten user never goes out.
 - *A plan.* Every statement that writes the outbox (entered side from the
   snapshot, exited side from the ledger) skips suppressed users, and a plan
-  ends with ``plan.drop_forgotten``: on PostgreSQL it takes a SHARE lock on
+  ends with ``manager.drop_forgotten``: on PostgreSQL it takes a SHARE lock on
   ``suppressions`` until it commits, then deletes what it wrote about
   suppressed users. Step 1 therefore either commits before that lock (and the
   plan removes the users itself) or waits for the plan to commit (and step 3

@@ -20,17 +20,21 @@ transaction (the caller fences it with the lease first), unless they say they
 open their own. Not here: leases (:mod:`audsync.locks` is their only writer, and
 their compare-and-set is one with its expiry decision); a run's own row
 (:mod:`audsync.history`: start, set, close); retention (:mod:`audsync.prune`,
-whose deletes mirror its pure ``keep_reason``); and the plan's own queueing
-(:mod:`audsync.plan`, :mod:`audsync.plan_in_db`).
+whose deletes mirror its pure ``keep_reason``); and the plan's own snapshot and
+queue statements (:mod:`audsync.plan`, :mod:`audsync.plan_in_db`: bulk, by dialect,
+they are the plan). What a plan writes besides them — parking spent changes,
+requeueing rejected ones, dropping the forgotten, recording its audience — is here.
 Long statements are module-level constants, each with the reason it exists.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import socket
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -50,7 +54,8 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from audsync import models
 from audsync.clock import utcnow
-from audsync.plan import NO_RUN, NOT_FORGOTTEN, PRIORITY_RETRY, PRIORITY_ROUTINE
+from audsync.config import Definition
+from audsync.models import NO_RUN, NOT_FORGOTTEN, PRIORITY_RETRY, PRIORITY_ROUTINE
 
 RunColumn = Literal["delivered", "failed", "superseded"]
 """The counters a run's queued changes end in (``pending`` is what is left)."""
@@ -491,3 +496,107 @@ def heartbeat(conn: Connection, holder: str, state: str, next_run_at: dt.datetim
             )
         )
     conn.execute(delete(models.daemons).where(d.beat_at < now - DAEMON_RECORD_KEPT))
+
+
+# -- what a plan writes besides its queue -------------------------------------------
+
+
+def sql_hash(definition: Definition) -> str:
+    """Fingerprint of the query, to tell a changed query under the same key."""
+    return hashlib.sha256(definition.sql.encode()).hexdigest()
+
+
+def ensure_audience(conn: Connection, definition: Definition) -> None:
+    """Make ``definition`` known before its first plan, so a brand-new audience whose
+    query fails shows in ``status`` and gets its alert (members stay unknown)."""
+    # One statement, so two daemons meeting a new audience at once cannot collide.
+    conn.execute(
+        text(
+            "INSERT INTO audiences (key, kind, name, sql_hash, active, created_at)"
+            " VALUES (:key, :kind, :name, :hash, :active, :now) ON CONFLICT (key) DO NOTHING"
+        ),
+        {
+            "key": definition.key,
+            "kind": definition.kind,
+            "name": definition.name,
+            "hash": sql_hash(definition),
+            "active": True,
+            "now": utcnow(),
+        },
+    )
+
+
+def record_audience(conn: Connection, definition: Definition, members: int) -> None:
+    """A plan's last word on its audience: its query's fingerprint, when it was
+    planned and how many members it has (made known if it was not)."""
+    now = utcnow()
+    values = {
+        "kind": definition.kind,
+        "name": definition.name,
+        "sql_hash": sql_hash(definition),
+        "active": True,
+        "last_planned_at": now,
+        "members": members,
+    }
+    updated = conn.execute(
+        update(models.audiences).where(models.audiences.c.key == definition.key).values(**values)
+    )
+    if updated.rowcount == 0:
+        conn.execute(insert(models.audiences).values(key=definition.key, created_at=now, **values))
+
+
+def park_spent(conn: Connection, key: str, max_attempts: int) -> None:
+    """Park pending changes whose rejections already reach ``max_attempts`` (the
+    setting was lowered, or the value was re-queued after its user left and came
+    back): counted ``failed`` by the run that owns them, never sent again."""
+    parked = conn.execute(
+        text(
+            "UPDATE outbox SET state = 'failed' WHERE audience_key = :k AND state = 'pending'"
+            " AND attempts >= :max_attempts RETURNING run_id"
+        ),
+        {"k": key, "max_attempts": max_attempts},
+    ).scalars()
+    credit_runs(conn, "failed", Counter(parked))
+
+
+def drop_forgotten(conn: Connection, key: str) -> None:
+    """Last statements of a plan: remove what it wrote about users forgotten meanwhile.
+
+    On PostgreSQL a SHARE lock on ``suppressions`` (held until this plan commits)
+    orders every forget against the plan: a forget's suppression either commits
+    before the lock is granted — and the deletes below see it — or waits for the
+    plan to commit, and the forget wipes the user's rows after it. On SQLite the
+    plan's transaction is the only writer, so the same holds without a lock.
+    """
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("LOCK TABLE suppressions IN SHARE MODE")
+    forgotten = select(models.suppressions.c.user_id)
+    o = models.outbox.c
+    supersede_pending(conn, o.audience_key == key, o.user_id.in_(forgotten))
+    conn.execute(
+        delete(models.snapshot).where(
+            models.snapshot.c.audience_key == key, models.snapshot.c.user_id.in_(forgotten)
+        )
+    )
+
+
+def requeue_failed(conn: Connection, key: str, run_id: int) -> int:
+    """Give every change Gleap rejected for ``key`` — parked, or waiting for its next run —
+    a fresh set of attempts under ``run_id``."""
+    o = models.outbox.c
+    requeued = conn.execute(
+        update(models.outbox)
+        .where(
+            o.audience_key == key,
+            (o.state == "failed") | ((o.state == "pending") & (o.priority == PRIORITY_RETRY)),
+        )
+        .values(
+            state="pending",
+            attempts=0,
+            run_id=run_id,
+            version=o.version + 1,
+            priority=PRIORITY_ROUTINE,
+            queued_at=utcnow(),
+        )
+    )
+    return int(requeued.rowcount)

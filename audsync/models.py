@@ -213,3 +213,19 @@ suppressions = Table(
 
 TERMINAL_STATUSES = ("succeeded", "partial", "failed", "held", "interrupted")
 OPEN_STATUSES = ("planning", "delivering")
+
+# The outbox's priorities (invariant 6): routine changes drain before a backfill.
+PRIORITY_ROUTINE = 0
+PRIORITY_BACKFILL = 1
+PRIORITY_RETRY = 2
+"""A change Gleap rejected with attempts left: not sent again until the next plan of its
+audience (or retry-failed) takes it over, so one run makes at most one attempt."""
+
+NO_RUN = 0
+"""The run_id of a rejected pending change between runs: the run that sent it already
+counted it as failed, so no run holds it as pending until a plan takes it over."""
+
+NOT_FORGOTTEN = "NOT EXISTS (SELECT 1 FROM suppressions x WHERE x.user_id = {})"
+"""SQL: the user in column ``{}`` is not suppressed by ``audsync forget``. Every
+statement that writes the outbox re-checks it: on PostgreSQL (READ COMMITTED)
+each statement sees the suppressions committed before it started."""

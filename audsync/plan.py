@@ -14,8 +14,6 @@ when it moved (:func:`merge_snapshot`).
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-from collections import Counter
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
@@ -28,16 +26,26 @@ from sqlalchemy import (
     column,
     delete,
     func,
-    insert,
     select,
     table,
     text,
-    update,
 )
 
 from audsync import models
 from audsync.clock import utcnow
 from audsync.config import Definition, SyncConfig
+from audsync.manager import (
+    credit_runs,
+    drop_forgotten,
+    park_spent,
+    record_audience,
+)
+from audsync.models import (
+    NOT_FORGOTTEN,
+    PRIORITY_BACKFILL,
+    PRIORITY_RETRY,
+    PRIORITY_ROUTINE,
+)
 from audsync.plan_in_db import WORK_MEM, Target, load_in_database
 from audsync.source import SnapshotRow, StreamStats, stream_snapshot
 from audsync.values import JSON_FALSE, JSON_NULL, JSON_TRUE
@@ -46,20 +54,6 @@ Mode = Literal["initial", "incremental", "full"]
 
 _DEFAULT_SETTINGS = SyncConfig()
 
-PRIORITY_ROUTINE = 0
-PRIORITY_BACKFILL = 1
-PRIORITY_RETRY = 2
-"""A change Gleap rejected with attempts left: not sent again until the next plan of its
-audience (or retry-failed) takes it over, so one run makes at most one attempt."""
-
-NO_RUN = 0
-"""The run_id of a rejected pending change between runs: the run that sent it already
-counted it as failed, so no run holds it as pending until a plan takes it over."""
-
-NOT_FORGOTTEN = "NOT EXISTS (SELECT 1 FROM suppressions x WHERE x.user_id = {})"
-"""SQL: the user in column ``{}`` is not suppressed by ``audsync forget``. Every
-statement that writes the outbox re-checks it: on PostgreSQL (READ COMMITTED)
-each statement sees the suppressions committed before it started."""
 
 
 def choose_mode(ledger_rows: int, full: bool) -> Mode:
@@ -96,52 +90,6 @@ def breaker_verdict(
             " run `audsync sync KEY --force` if that is right"
         )
     return None
-
-
-def withdraw(conn: Connection, *conditions: Any) -> int:
-    """Delete outbox rows matching ``conditions``, crediting the pending ones as
-    superseded to the runs that queued them (so those runs' counts still add up).
-
-    The credit is taken from the rows this DELETE removed (RETURNING), never from
-    an earlier read: a row an acknowledgement removed first is the deliverer's to
-    count, and counting it here too would break ``queued = delivered + failed +
-    superseded + pending``. Returns how many rows were deleted.
-    """
-    o = models.outbox.c
-    gone = delete(models.outbox).where(*conditions).returning(o.run_id, o.state)
-    by_run: dict[int, int] = {}
-    deleted = 0
-    if conn.dialect.name == "postgresql":
-        # Counted in the database: a million withdrawn rows never cross the wire.
-        cte = gone.cte("gone")
-        rows = conn.execute(
-            select(cte.c.run_id, cte.c.state, func.count()).group_by(cte.c.run_id, cte.c.state)
-        )
-        for run_id, state, count in rows:
-            deleted += int(count)
-            if state == "pending":
-                by_run[run_id] = by_run.get(run_id, 0) + int(count)
-    else:
-        for run_id, state in conn.execute(gone):
-            deleted += 1
-            if state == "pending":
-                by_run[run_id] = by_run.get(run_id, 0) + 1
-    credit_runs(conn, "superseded", by_run)
-    return deleted
-
-
-def credit_runs(
-    conn: Connection,
-    column: Literal["delivered", "failed", "superseded"],
-    by_run: Mapping[int, int],
-) -> None:
-    """Add ``by_run``'s counts to those runs' ``column`` (rows of no run are left out)."""
-    r = models.sync_runs.c
-    for run_id, count in sorted(by_run.items()):  # one lock order, whoever credits
-        if run_id != NO_RUN and count:
-            conn.execute(
-                update(models.sync_runs).where(r.id == run_id).values({column: r[column] + count})
-            )
 
 
 def absent_value(definition: Definition) -> str:
@@ -188,11 +136,6 @@ def contact_news(dialect: str, new: str, old: str) -> str:
         has_nul = "instr({0}, '\\u0000') > 0 OR instr(COALESCE({1}, ''), '\\u0000') > 0"
     # CASE, not OR: the NUL test must run first, on both databases.
     return f"(CASE WHEN {has_nul.format(new, old)} THEN TRUE ELSE {fields} END)"
-
-
-def sql_hash(definition: Definition) -> str:
-    """Fingerprint of the query, to tell a changed query under the same key."""
-    return hashlib.sha256(definition.sql.encode()).hexdigest()
 
 
 @dataclass
@@ -458,7 +401,7 @@ class _Planner:
                 )
             ).rowcount
             result.entered = result.queued = result.members - int(empty)
-        _record_audience(conn, self.definition, result.members)
+        record_audience(conn, self.definition, result.members)
         drop_forgotten(conn, key)
 
     def count_first_plan(self) -> None:
@@ -586,11 +529,11 @@ class _Planner:
         ).rowcount
         conn.execute(text(WITHDRAW_UNNEEDED), params)
         upserted = conn.execute(text(UPSERT_CHANGES.format(differs=differs)), params)
-        _park_spent(conn, key, self.settings.max_attempts)
+        park_spent(conn, key, self.settings.max_attempts)
         result.superseded = sum(int(c) for r, c in superseded if r != self.run_id)
         # inserted + updated + overwritten: what this run now owns
         result.queued = int(upserted.rowcount) + int(overwritten)
-        _record_audience(conn, self.definition, result.members)
+        record_audience(conn, self.definition, result.members)
         drop_forgotten(conn, key)
 
 
@@ -676,40 +619,6 @@ def _count_transitions(conn: Connection, result: PlanResult, params: dict[str, A
     )
     for kind, count in rows:
         setattr(result, kind, int(count))
-
-
-def drop_forgotten(conn: Connection, key: str) -> None:
-    """Last statements of a plan: remove what it wrote about users forgotten meanwhile.
-
-    On PostgreSQL a SHARE lock on ``suppressions`` (held until this plan commits)
-    orders every forget against the plan: a forget's suppression either commits
-    before the lock is granted — and the deletes below see it — or waits for the
-    plan to commit, and the forget wipes the user's rows after it. On SQLite the
-    plan's transaction is the only writer, so the same holds without a lock.
-    """
-    if conn.dialect.name == "postgresql":
-        conn.exec_driver_sql("LOCK TABLE suppressions IN SHARE MODE")
-    forgotten = select(models.suppressions.c.user_id)
-    withdraw(conn, models.outbox.c.audience_key == key, models.outbox.c.user_id.in_(forgotten))
-    conn.execute(
-        delete(models.snapshot).where(
-            models.snapshot.c.audience_key == key, models.snapshot.c.user_id.in_(forgotten)
-        )
-    )
-
-
-def _park_spent(conn: Connection, key: str, max_attempts: int) -> None:
-    """Park pending changes whose rejections already reach ``max_attempts`` (the
-    setting was lowered, or the value was re-queued after its user left and came
-    back): counted ``failed`` by the run that owns them, never sent again."""
-    parked = conn.execute(
-        text(
-            "UPDATE outbox SET state = 'failed' WHERE audience_key = :k AND state = 'pending'"
-            " AND attempts >= :max_attempts RETURNING run_id"
-        ),
-        {"k": key, "max_attempts": max_attempts},
-    ).scalars()
-    credit_runs(conn, "failed", Counter(parked))
 
 
 def _has_rows(conn: Connection, key: str) -> bool:
@@ -981,65 +890,6 @@ def _insert_changes(
         ),
         params,
     )
-
-
-def ensure_audience(conn: Connection, definition: Definition) -> None:
-    """Make ``definition`` known before its first plan, so a brand-new audience whose
-    query fails shows in ``status`` and gets its alert (members stay unknown)."""
-    # One statement, so two daemons meeting a new audience at once cannot collide.
-    conn.execute(
-        text(
-            "INSERT INTO audiences (key, kind, name, sql_hash, active, created_at)"
-            " VALUES (:key, :kind, :name, :hash, :active, :now) ON CONFLICT (key) DO NOTHING"
-        ),
-        {
-            "key": definition.key,
-            "kind": definition.kind,
-            "name": definition.name,
-            "hash": sql_hash(definition),
-            "active": True,
-            "now": utcnow(),
-        },
-    )
-
-
-def _record_audience(conn: Connection, definition: Definition, members: int) -> None:
-    now = utcnow()
-    values = {
-        "kind": definition.kind,
-        "name": definition.name,
-        "sql_hash": sql_hash(definition),
-        "active": True,
-        "last_planned_at": now,
-        "members": members,
-    }
-    updated = conn.execute(
-        update(models.audiences).where(models.audiences.c.key == definition.key).values(**values)
-    )
-    if updated.rowcount == 0:
-        conn.execute(insert(models.audiences).values(key=definition.key, created_at=now, **values))
-
-
-def requeue_failed(conn: Connection, key: str, run_id: int) -> int:
-    """Give every change Gleap rejected for ``key`` — parked, or waiting for its next run —
-    a fresh set of attempts under ``run_id``."""
-    o = models.outbox.c
-    requeued = conn.execute(
-        update(models.outbox)
-        .where(
-            o.audience_key == key,
-            (o.state == "failed") | ((o.state == "pending") & (o.priority == PRIORITY_RETRY)),
-        )
-        .values(
-            state="pending",
-            attempts=0,
-            run_id=run_id,
-            version=o.version + 1,
-            priority=PRIORITY_ROUTINE,
-            queued_at=utcnow(),
-        )
-    )
-    return int(requeued.rowcount)
 
 
 # -- the incremental load: write only what moved -------------------------------------

@@ -57,9 +57,8 @@ from audsync.history import (
     set_run,
     start_run,
 )
-from audsync.manager import finalize_runs
+from audsync.manager import ensure_audience, finalize_runs
 from audsync.metrics import Metrics
-from audsync.plan import ensure_audience
 from audsync.prune import prune_and_log
 from audsync.readback import VerifyReport, make_reader, run_verify
 from audsync.signals import relay_signals

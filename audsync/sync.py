@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, delete, event, select
+from sqlalchemy import Engine, create_engine, event, select
 from sqlalchemy.engine import make_url
 
 from audsync import alerts, locks, models
@@ -39,15 +39,19 @@ from audsync.history import (
     set_run,
     start_run,
 )
-from audsync.manager import fail_runs_left_waiting, finalize_runs
+from audsync.manager import (
+    discard_run,
+    ensure_audience,
+    fail_runs_left_waiting,
+    finalize_runs,
+    requeue_failed,
+)
 from audsync.pacing import budget_seconds
 from audsync.plan import (
     PlanResult,
     decide_mode,
     dry_run_calls,
-    ensure_audience,
     plan_definition,
-    requeue_failed,
 )
 from audsync.progress import Progress
 from audsync.prune import prune_and_log
@@ -207,7 +211,7 @@ def retry_failed(
                 outcome.run_ids.append(run_id)
             else:
                 with state.begin() as conn:
-                    conn.execute(delete(models.sync_runs).where(models.sync_runs.c.id == run_id))
+                    discard_run(conn, run_id)
         if outcome.run_ids:
             deliver_or_hand_over(
                 config, state, client, outcome, wait=wait, stop=stop, echo=echo, progress=progress

@@ -79,7 +79,7 @@ def test_routine_changes_overtake_the_backfill(state_url: str) -> None:
     from audsync import models
     from audsync.clock import utcnow
     from audsync.deliver import next_users
-    from audsync.plan import PRIORITY_BACKFILL, PRIORITY_ROUTINE
+    from audsync.models import PRIORITY_BACKFILL, PRIORITY_ROUTINE
 
     state = open_state(state_url)
     now = utcnow()
