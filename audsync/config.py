@@ -159,9 +159,10 @@ class SyncConfig:
     lease_ttl: float = defaults.DEFAULT_LEASE_TTL
     # "auto": plan inside the database when the source is the state DB's own
     # PostgreSQL database (audsync.plan_in_db); "off": always stream the rows.
-    # Off by default: measured, it is not yet faster than streaming (a first
-    # plan 2.1x against 2.4x the bare baseline, a dry run 3.3x against 1.5x;
-    # benchmarks/README.md), so it is opt-in until it is.
+    # Off by default: measured, it is not yet faster than streaming (at 1 M
+    # members a first plan 3.3x the bare baseline in the database against
+    # 1.9x streamed, a dry run 2.9x against 1.1x; benchmarks/README.md), so it
+    # is opt-in until it is.
     in_database: str = "off"
 
 
