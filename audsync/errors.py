@@ -23,7 +23,9 @@
     ├── UnstorableValue               a value Gleap cannot keep as an attribute (list, NaN, ...)
     ├── PayloadError                  one user's data cannot be sent to Gleap as it is
     ├── ColumnProblem                 a query's columns cannot be sent (the whole audience fails)
-    └── NoLatinForm                   a name has no Latin form: its key must be given explicitly
+    ├── NoLatinForm                   a name has no Latin form: its key must be given explicitly
+    └── CannotExpress                 a query's result cannot be rendered exactly in SQL:
+                                      in-database planning falls back to streaming
 
 Messages never contain the API token: every error built from an HTTP exchange
 goes through :func:`redact` first, which also knows every secret the config
@@ -151,6 +153,10 @@ class ColumnProblem(ValueError):
 
 class NoLatinForm(ValueError):
     """A name holds letters with no Latin form: its key must be given explicitly."""
+
+
+class CannotExpress(ValueError):
+    """The query's result cannot be rendered exactly in SQL: stream it instead."""
 
 
 _registered: set[str] = set()

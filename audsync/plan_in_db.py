@@ -43,7 +43,7 @@ from audsync.contact import (
     map_columns,
 )
 from audsync.defaults import MAX_USER_ID_LENGTH
-from audsync.errors import ColumnProblem, Interrupted, SourceError, first_line
+from audsync.errors import CannotExpress, ColumnProblem, Interrupted, SourceError, first_line
 from audsync.source import StreamStats, cancel_on_stop, text_order
 from audsync.values import ID_HAS_CONTROL, ID_TOO_LONG, dumps
 
@@ -81,10 +81,6 @@ _ISO = """'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'"""
 WORK_MEM = "256MB"
 """PostgreSQL's work_mem for the load's statement: its sort of a few million ids
 stays in memory (a sort or tuplestore takes only what it needs)."""
-
-
-class CannotExpress(Exception):
-    """The query's result cannot be rendered exactly in SQL: stream it instead."""
 
 
 @dataclass(frozen=True)
