@@ -27,6 +27,24 @@ FAKETIME_LIBS = (
 FAKETIME_LIB = next((lib for lib in FAKETIME_LIBS if lib and Path(lib).exists()), None)
 SKEW = 90.0
 
+SLEEP_ON_A_CONDITION = '''"""Loaded by the skewed daemon only (test_leases.py): libfaketime with
+FAKETIME_DONT_FAKE_MONOTONIC hands the kernel a negative time when Python 3.11+'s
+time.sleep calls clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME), and the sleep
+fails with EINVAL (wolfcw/libfaketime#426). A timed wait on a condition, which it
+fakes correctly, sleeps instead: the clock skew stays, the tool's bug goes."""
+import threading
+import time
+
+
+def _sleep(seconds: float) -> None:
+    if seconds < 0:
+        raise ValueError("sleep length must be non-negative")
+    threading.Event().wait(seconds)
+
+
+time.sleep = _sleep
+'''
+
 
 def db_time(engine: Engine) -> float:
     """The state DB's clock, asked the same way audsync asks it."""
@@ -111,6 +129,11 @@ def test_a_host_running_90s_ahead_does_not_take_a_live_lease(
                 env.setenv("LD_PRELOAD", str(FAKETIME_LIB))
                 env.setenv("FAKETIME", f"+{SKEW:.0f}s")
                 env.setenv("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+                site = tmp_path / "faketime_site"
+                site.mkdir()
+                (site / "sitecustomize.py").write_text(SLEEP_ON_A_CONDITION)
+                paths = [str(site), os.environ.get("PYTHONPATH", "")]
+                env.setenv("PYTHONPATH", os.pathsep.join(filter(None, paths)))
                 skewed = Process(tmp_path, "skewed", "-c", str(path), "run")
             processes.append(skewed)
             wait_for(
