@@ -70,13 +70,22 @@ class ConfigError(AudsyncError):
         where = f"{source}: {key}" if key else source
         super().__init__(f"{where}: {problem}")
 
+    def __reduce__(self) -> tuple[type[ConfigError], tuple[str, str, str]]:
+        # Rebuilt from its parts, so it crosses a process pool or a task queue intact.
+        return type(self), (self.source, self.key, self.problem)
+
 
 class SourceError(AudsyncError):
     """An audience or trait query could not be run or returned unusable rows."""
 
     def __init__(self, audience_key: str, problem: str, kind: str = "audience") -> None:
         self.audience_key = audience_key
+        self.problem = problem
+        self.kind = kind
         super().__init__(f"{kind} {audience_key!r}: {problem}")
+
+    def __reduce__(self) -> tuple[type[SourceError], tuple[str, str, str]]:
+        return type(self), (self.audience_key, self.problem, self.kind)
 
 
 class StateError(AudsyncError):
@@ -128,6 +137,9 @@ class GleapAuthError(GleapError):
     def __init__(self, status: int) -> None:
         self.status = status
         super().__init__(f"Gleap rejected the API token (HTTP {status})")
+
+    def __reduce__(self) -> tuple[type[GleapAuthError], tuple[int]]:
+        return type(self), (self.status,)
 
 
 class GleapUnavailable(GleapError):
