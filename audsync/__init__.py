@@ -27,6 +27,8 @@ __version__ = "0.1.0"
 _HOMES = {
     "load_config": "audsync.config",
     "Config": "audsync.config",
+    "Definition": "audsync.config",
+    "Secret": "audsync.config",
     "run_sync": "audsync.sync",
     "retry_failed": "audsync.sync",
     "SyncOutcome": "audsync.sync",
@@ -66,6 +68,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "Daemon",
+    "Definition",
     "DeliveryReport",
     "DriverMissing",
     "ForgetReport",
@@ -78,6 +81,7 @@ __all__ = [
     "LeaseLost",
     "PlanResult",
     "RepairOutcome",
+    "Secret",
     "SourceError",
     "StateError",
     "StateMoved",
@@ -98,7 +102,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from audsync.check import Check, check
-    from audsync.config import Config, load_config
+    from audsync.config import Config, Definition, Secret, load_config
     from audsync.deliver import DeliveryReport
     from audsync.errors import (
         AudsyncError,

@@ -209,6 +209,12 @@ class Config:
     it to refuse starting a second ledger beside one that an older audsync
     kept relative to the working directory."""
 
+    def __post_init__(self) -> None:
+        # A Config built by hand in Python (audsync.__all__ exports it) gets the
+        # same checks as one read from a file: a bad key or setting is a
+        # ConfigError before anything is planned or sent.
+        check_built(self)
+
     def require_token(self) -> str:
         """The API token, or a ConfigError saying where to put it."""
         if self.gleap.api_token is None or not self.gleap.api_token.reveal().strip():
@@ -408,6 +414,55 @@ def anchor_file_url(url: str, base_dir: str) -> str:
         return url
     anchored = str(Path(base_dir) / database)
     return parsed.set(database=anchored).render_as_string(hide_password=False)
+
+
+def check_built(config: Config) -> None:
+    """Check a :class:`Config` against the rules a config file is held to: every
+    setting of ``[gleap]``, ``[sync]``, ``[schedule]``, ``[history]`` and
+    ``[verify]``, each definition's kind, name, query and key, and unique keys.
+    Raises ConfigError naming the setting (``config.path`` as the source)."""
+    where = config.path or "Config"
+    sections = {
+        "gleap": config.gleap,
+        "sync": config.sync,
+        "schedule": config.schedule,
+        "history": config.history,
+        "verify": config.verify,
+    }
+    for section, settings in sections.items():
+        for key, kind in _SECTIONS[section].items():
+            value = getattr(settings, key)
+            if value is None:
+                continue
+            if kind == "secret":
+                if not isinstance(value, Secret):
+                    # Never echo the value: it is a token.
+                    raise ConfigError(where, f"{section}.{key}", "must be a Secret(...)")
+                continue
+            _coerce(value, kind, where, f"{section}.{key}")
+    if config.history.keep <= 0:
+        raise ConfigError(where, "history.keep", "must be longer than 0 (e.g. 90d)")
+    for i, definition in enumerate(config.definitions):
+        at = f"definitions[{i}]"
+        if definition.kind not in ("audience", "trait", "contacts"):
+            raise ConfigError(
+                where, f"{at}.kind", f"{definition.kind!r} must be 'audience' or 'trait'"
+            )
+        if not isinstance(definition.name, str) or not definition.name.strip():
+            raise ConfigError(where, f"{at}.name", "missing or empty")
+        if not isinstance(definition.sql, str) or not definition.sql.strip():
+            raise ConfigError(where, f"{at}.sql", "missing or empty")
+        if definition.kind != "contacts":
+            problem = key_problem(definition.key) if isinstance(definition.key, str) else (
+                "must be a string"
+            )
+            if problem:
+                raise ConfigError(where, f"{at}.key", problem)
+    dupes = duplicate_keys(d.key for d in config.definitions)
+    if dupes:
+        raise ConfigError(
+            where, "key", f"{dupes[0]!r} is used by more than one audience/trait"
+        )
 
 
 def parse_config(

@@ -1,10 +1,19 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from audsync.config import Secret, load_config, parse_duration
+from audsync.config import (
+    Config,
+    Definition,
+    GleapConfig,
+    Secret,
+    SyncConfig,
+    load_config,
+    parse_duration,
+)
 from audsync.errors import ConfigError
 from tests.helpers import run_cli
 
@@ -357,3 +366,47 @@ def test_in_database_defaults_to_off_and_is_settable_from_file_and_env(tmp_path:
     assert load_config(path, env={}).sync.in_database == "auto"
     env = {"AUDSYNC_SYNC_IN_DATABASE": "off"}
     assert load_config(path, env=env).sync.in_database == "off"
+
+
+@pytest.mark.parametrize(
+    ("built", "key", "problem"),
+    [
+        ({"definitions": (Definition("audience", "Bad", "Bad Key!", "SELECT 1"),)},
+         "definitions[0].key", "must match [a-z0-9_]+"),
+        ({"definitions": (Definition("audience", "A", "dup", "SELECT 1"),
+                          Definition("trait", "B", "dup", "SELECT 1"))},
+         "key", "used by more than one"),
+        ({"definitions": (Definition("audience", "E", "email", "SELECT 1"),)},
+         "definitions[0].key", "collides with the Gleap contact field"),
+        ({"definitions": (Definition("audiences", "E", "e", "SELECT 1"),)},  # type: ignore[arg-type]
+         "definitions[0].kind", "must be 'audience' or 'trait'"),
+        ({"definitions": (Definition("audience", "E", "e", "  "),)},
+         "definitions[0].sql", "missing or empty"),
+        ({"gleap": GleapConfig(api_token="PLAIN-SECRET")},  # type: ignore[arg-type]
+         "gleap.api_token", "must be a Secret(...)"),
+        ({"gleap": GleapConfig(concurrency=0)}, "gleap.concurrency", "must be positive"),
+        ({"gleap": GleapConfig(rate_window=0)}, "gleap.rate_window", "more than 0"),
+        ({"sync": SyncConfig(max_exit_ratio=2.0)}, "sync.max_exit_ratio", "(0, 1]"),
+        ({"sync": SyncConfig(in_database="yes")}, "sync.in_database", "'auto' or 'off'"),
+    ],
+)
+def test_a_config_built_in_python_is_held_to_the_files_rules(
+    built: dict[str, Any], key: str, problem: str
+) -> None:
+    """audsync.Config is public: one built by hand gets the checks a file gets, before
+    anything is planned or sent, and a plain-string token is refused without echoing it."""
+    with pytest.raises(ConfigError) as err:
+        Config(path="", source_url=None, state_url="sqlite:///state.db", **built)
+    assert err.value.key == key and problem in err.value.problem
+    assert "PLAIN-SECRET" not in str(err.value)
+
+
+def test_a_good_config_built_in_python_is_accepted() -> None:
+    config = Config(
+        path="",
+        source_url="sqlite:///warehouse.db",
+        state_url="sqlite:///state.db",
+        gleap=GleapConfig(api_token=Secret("t0ken")),
+        definitions=(Definition("audience", "VIP", "vip", "SELECT 1 AS user_id"),),
+    )
+    assert config.require_token() == "t0ken" and "t0ken" not in repr(config)
