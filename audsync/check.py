@@ -57,6 +57,9 @@ class NextSync:
     seconds: float
     errors: tuple[str, ...]
     """Audiences whose plan failed, one line each."""
+    queued_before: int = 0
+    """Users whose changes earlier syncs already queued: counted in ``calls``, not in
+    any plan's, since the next sync sends them whatever its plans find."""
 
     @property
     def held(self) -> tuple[PlanCalls, ...]:
@@ -132,7 +135,25 @@ def next_sync(config: Config) -> NextSync:
         calls=outcome.dry_run_calls,
         seconds=outcome.dry_run_seconds,
         errors=tuple(outcome.errors),
+        queued_before=queued_before(config),
     )
+
+
+def queued_before(config: Config) -> int:
+    """Users with a change already queued in the state DB (0 when it does not exist yet)."""
+    from audsync.deliver import pending_user_count
+    from audsync.errors import StateError
+    from audsync.state import open_for_reading
+
+    try:
+        state = open_for_reading(config)
+    except StateError:
+        return 0
+    try:
+        with state.connect() as conn:
+            return pending_user_count(conn)
+    finally:
+        state.dispose()
 
 
 def check(config: Config) -> Check:

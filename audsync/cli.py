@@ -905,6 +905,11 @@ def cmd_check(args: argparse.Namespace) -> int:
             f"{plan.kind_label} {plan.key}: the next sync would make {plan.calls:,}"
             f" calls (about {duration(plan.seconds)} on its own)"
         )
+    if estimate.queued_before:
+        print(
+            f"already queued: {estimate.queued_before:,} users whose changes earlier syncs"
+            " queued (the next sync sends them too)"
+        )
     print(
         f"next sync: {estimate.calls:,} Identify calls in all (one per changed user),"
         f" about {duration(estimate.seconds)} at {_rate(config)}"

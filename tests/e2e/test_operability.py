@@ -142,3 +142,36 @@ def test_a_new_audience_failing_before_its_first_plan_is_alerted(
     assert run_cli(capsys, "-c", str(path), "sync")[0] == 0
     assert [m["event"] for m in receiver.received] == ["failing", "recovered"]
     assert gleap.contacts()["1"]["vip"] is True
+
+
+def test_check_counts_what_earlier_syncs_left_queued(
+    make_config: MakeConfig,
+    warehouse: Warehouse,
+    gleap: Sandbox,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The total includes changes still queued from before; check says so, so that
+    per-audience lines of 0 beside a total of thousands do not read as a contradiction."""
+    for i in range(1, 6):
+        warehouse.add(i, vip=True)
+    path, _ = make_config(
+        body=(
+            '[[audiences]]\nname = "VIP Customers"\n'
+            'sql = "SELECT id AS user_id FROM people WHERE vip = 1"\n'
+        ),
+        max_retries=0,
+    )
+    gleap.fault = lambda method, path, body: (
+        (503, {}, {"error": "down"}) if path == "/admin/identify" else None
+    )
+    code, _out, _err = run_cli(capsys, "-c", str(path), "sync")
+    assert code == 1  # Gleap was down: the five changes stay queued
+    gleap.fault = None
+    warehouse.add(6, vip=True)
+    sent = len(gleap.calls("/admin/identify"))
+    code, out, err = run_cli(capsys, "-c", str(path), "check")
+    assert code == 0, err
+    assert "audience vip_customers: the next sync would make 1 calls" in out
+    assert "already queued: 5 users whose changes earlier syncs queued" in out
+    assert "next sync: 6 Identify calls in all" in out
+    assert len(gleap.calls("/admin/identify")) == sent  # check sends nothing
