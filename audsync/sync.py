@@ -448,7 +448,7 @@ def deliver_or_hand_over(
             f"changes queued; {outcome.handed_over_to} holds the delivery lease and is sending them"
         )
         if wait:
-            _follow(state, outcome.run_ids, stop, echo, progress)
+            _follow(state, outcome, stop, echo, progress)
         return
     try:
         with state.begin() as conn:
@@ -491,7 +491,7 @@ def deliver_or_hand_over(
 
 def _follow(
     state: Engine,
-    run_ids: list[int],
+    outcome: SyncOutcome,
     stop: Callable[[], bool],
     echo: Printer,
     progress: Progress,
@@ -501,7 +501,10 @@ def _follow(
     first: int | None = None
     try:
         while not stop():
-            rows = runs(state, ids=run_ids, limit=len(run_ids) or 1)
+            # A daemon that died (SIGKILL, a cold stop, a lost host) leaves its runs
+            # open: closed as interrupted here, or --wait would follow them forever.
+            mark_interrupted(state)
+            rows = runs(state, ids=outcome.run_ids, limit=len(outcome.run_ids) or 1)
             open_rows = [r for r in rows if r["status"] in models.OPEN_STATUSES]
             pending = sum(r["pending"] for r in open_rows)
             if first is None:
@@ -510,11 +513,34 @@ def _follow(
                 progress.start("delivering", "delivered by the daemon", total=first, unit="changes")
             progress.update("delivering", max(first - pending, 0))
             if not open_rows:
-                echo("the daemon finished delivering the changes of this sync")
+                _followed_to_the_end(rows, outcome, echo)
                 return
             time.sleep(0.5)
     finally:
         progress.finish("delivering")
+
+
+def _followed_to_the_end(
+    rows: list[dict[str, Any]], outcome: SyncOutcome, echo: Printer
+) -> None:
+    """Say how the followed delivery ended. A daemon stopped (or failing) closes the
+    runs it was delivering as interrupted or failed: that is not "finished", and
+    when changes of this sync are still queued, the sync has not done its job."""
+    stopped = [r for r in rows if r["status"] not in ("succeeded", "held")]  # held: said already
+    left = sum(r["pending"] for r in stopped)
+    if not stopped:
+        echo("the daemon finished delivering the changes of this sync")
+        return
+    how = ", ".join(f"run {r['id']} {r['status']}" for r in stopped)
+    if not left:
+        echo(f"the daemon's delivery ended ({how}) with nothing of this sync left to send")
+        return
+    problem = (
+        f"the daemon stopped before delivering this sync's changes ({how});"
+        f" {left:,} stay queued for the next delivery"
+    )
+    echo(problem)
+    outcome.errors.append(problem)
 
 
 def _dry_run(

@@ -7,8 +7,10 @@ import os
 import pty
 import re
 import select
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -215,3 +217,68 @@ def test_sync_wait_follows_the_daemon_with_progress_not_a_log_line_twice_a_secon
     # A line every 5 s while it follows, and one at the end.
     assert len(lines) <= elapsed / 5 + 2
     assert slow_gleap.stats.count("identify", ok=True) == 160
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "signals",
+    [
+        (signal.SIGTERM, signal.SIGTERM),  # cold stop: the daemon may close its runs
+        (signal.SIGKILL,),  # killed: its runs stay open until someone sees it died
+    ],
+    ids=["cold-stop", "kill"],
+)
+def test_sync_wait_fails_when_the_daemon_stops_before_delivering_its_changes(
+    signals: tuple[signal.Signals, ...], tmp_path: Path, gleap: Sandbox, warehouse: Warehouse
+) -> None:
+    """`sync --wait` follows the delivery to the end: a daemon stopped or killed with
+    this sync's changes still queued is not "finished" (nor followed forever), and
+    the sync exits 1 saying so."""
+    from tests.helpers import Process, wait_for
+
+    held, release = threading.Event(), threading.Event()
+
+    def hold(body: dict[str, Any]) -> None:
+        held.set()
+        release.wait(60)  # Gleap takes the call and never answers while the test runs
+
+    path = write_config(
+        tmp_path,
+        base_url=gleap.url,
+        source_url=warehouse.url,
+        state_url=f"sqlite:///{tmp_path / 'state.db'}",
+        extra='[schedule]\ninterval = "1h"\njitter = "0s"\n',
+    )
+    daemon = Process(tmp_path, "daemon", "-c", str(path), "run")
+    follower: Process | None = None
+    try:
+        wait_for(
+            lambda: "holding the delivery lease" in daemon.output()
+            and "planned revenue" in daemon.output(),
+            30,
+            "the daemon's start-up",
+        )
+        gleap.on_identify = hold
+        for i in range(1, 21):
+            warehouse.add(i, vip=True)
+        follower = Process(
+            tmp_path, "sync", "-c", str(path), "sync", "vip_customers", "--wait",
+            "--progress", "lines",
+        )
+        wait_for(lambda: "following the daemon's delivery" in follower.output(), 30, "following")
+        assert held.wait(30), "the daemon never sent a call"
+        for sig in signals:
+            daemon.signal(sig)
+        daemon.wait(15)  # how a stop exits is test_stop's subject
+        code = follower.wait(30)
+        out = follower.output()
+    finally:
+        release.set()
+        gleap.on_identify = None
+        daemon.stop()
+        if follower is not None:
+            follower.stop()
+    assert code == 1, out
+    assert "the daemon stopped before delivering this sync's changes" in out
+    assert "20 stay queued for the next delivery" in out
+    assert "the daemon finished delivering" not in out
