@@ -55,6 +55,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from audsync import models
 from audsync.clock import utcnow
 from audsync.config import Definition
+from audsync.history import set_run
 from audsync.models import NO_RUN, NOT_FORGOTTEN, PRIORITY_RETRY, PRIORITY_ROUTINE
 
 RunColumn = Literal["delivered", "failed", "superseded"]
@@ -143,11 +144,7 @@ def fail_runs_left_waiting(engine: Engine, run_ids: list[int], reason: str) -> i
             .all()
         )
         for run_id in ids:
-            conn.execute(
-                update(models.sync_runs)
-                .where(r.id == run_id)
-                .values(status="failed", error=reason, finished_at=utcnow())
-            )
+            set_run(conn, run_id, status="failed", error=reason)
     return len(ids)
 
 
