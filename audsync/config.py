@@ -22,7 +22,7 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -308,6 +308,8 @@ _SECTIONS: dict[str, dict[str, str]] = {
     "verify": {"sample_per_run": "nonnegint", "max_drift": "fraction", "repair": "bool"},
 }
 _DEFINITION_KEYS = {"name", "key", "sql", "events"}
+IN_DATABASE_SETTINGS = ("auto", "off")
+"""``[sync] in_database``: ``auto`` plans inside the database when it can, ``off`` never."""
 
 _DURATION_MIN: dict[str, float] = {
     # key -> the least value that can work; a key not named here may be 0 (jitter).
@@ -458,11 +460,21 @@ def check_built(config: Config) -> None:
             )
             if problem:
                 raise ConfigError(where, f"{at}.key", problem)
-    dupes = duplicate_keys(d.key for d in config.definitions)
-    if dupes:
-        raise ConfigError(
-            where, "key", f"{dupes[0]!r} is used by more than one audience/trait"
-        )
+    problem = duplicate_key_problem(config.definitions)
+    if problem:
+        raise ConfigError(where, "key", problem)
+
+
+def duplicate_key_problem(definitions: Sequence[Definition]) -> str | None:
+    """Why two definitions cannot share their key (naming both), or None."""
+    dupes = duplicate_keys(d.key for d in definitions)
+    if not dupes:
+        return None
+    names = [d.name for d in definitions if d.key == dupes[0]]
+    return (
+        f"{dupes[0]!r} is used by more than one audience/trait ({', '.join(map(repr, names))});"
+        " set a distinct key"
+    )
 
 
 def parse_config(
@@ -673,7 +685,7 @@ def _coerce(value: Any, kind: str, where: str, key: str) -> Any:
             return number
         if kind == "in_database":
             choice = str(value).strip().lower() if isinstance(value, str) else value
-            if choice not in ("auto", "off"):
+            if choice not in IN_DATABASE_SETTINGS:
                 raise ValueError(f"{value!r} must be 'auto' or 'off'")
             return choice
         if kind == "fraction":
@@ -786,13 +798,7 @@ def _parse_definitions(
                     events=events,
                 )
             )
-    dupes = duplicate_keys(d.key for d in found)
-    if dupes:
-        names = [d.name for d in found if d.key == dupes[0]]
-        raise ConfigError(
-            path,
-            "key",
-            f"{dupes[0]!r} is used by more than one audience/trait ({', '.join(map(repr, names))});"
-            " set a distinct key",
-        )
+    problem = duplicate_key_problem(found)
+    if problem:
+        raise ConfigError(path, "key", problem)
     return tuple(found)

@@ -49,9 +49,6 @@ from audsync.values import ID_HAS_CONTROL, ID_TOO_LONG, dumps
 
 log = logging.getLogger("audsync.plan")
 
-IN_DATABASE_SETTINGS = ("auto", "off")
-"""``[sync] in_database``: ``auto`` plans inside the database when it can, ``off`` never."""
-
 # Python's str.strip() removes exactly the characters str.isspace() accepts: an id
 # of only these is no id (values.normalize_user_id), and name parts are stripped of them.
 _PY_WHITESPACE = "".join(chr(c) for c in range(sys.maxunicode + 1) if chr(c).isspace())
